@@ -1,0 +1,372 @@
+"""BaseDataSparsifier: a registry of named data, one mask per name, and the rule that updates it.
+
+The reference (``torch.ao.pruning._experimental.data_sparsifier``) keeps data as buffers of
+an ``nn.Module`` and masks as parametrizations. That breaks names such as ``"train"`` or
+``"forward"`` and rebuilds a parametrization on every ``add_data``. Here data and masks are
+plain tensors in dictionaries: re-registering a name is a dictionary update, and the masked
+view is one multiply.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipesparse.errors import CorruptStateError, UnknownDataError
+
+__all__ = ["BaseDataSparsifier", "STATE_FORMAT"]
+
+STATE_FORMAT = "pipesparse.data_sparsifier/1"
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _as_tensor(name: str, data: Any) -> torch.Tensor:
+    """The tensor behind ``data``: itself, or an embedding's weight (attached, not copied)."""
+    if isinstance(data, _EMBEDDING_TYPES):
+        return data.weight
+    if isinstance(data, torch.Tensor):
+        return data
+    raise TypeError(
+        f"data for {name!r} has unsupported type {type(data).__name__}; accepted: torch.Tensor, "
+        "nn.Parameter, nn.Embedding, nn.EmbeddingBag"
+    )
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"data name must be a str, got {type(name).__name__}")
+    if not name or "." in name:
+        raise ValueError(f"invalid data name {name!r}: it must be a non-empty string without '.'")
+
+
+def _masked(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``data * mask`` in the data's own dtype (a float mask must not promote float16 data)."""
+    out = data * mask
+    return out if out.dtype == data.dtype else out.to(data.dtype)
+
+
+def _dtype_from_name(text: str) -> torch.dtype:
+    dtype = getattr(torch, text.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptStateError(f"state_dict names an unknown mask dtype {text!r}")
+    return dtype
+
+
+def _compact(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask as bool: one byte per entry, exact. (Sparse COO would cost 8 bytes of index per
+    dim per kept entry, i.e. more than the dense float mask at any useful sparsity.)"""
+    mask = mask.detach()
+    if mask.dtype == torch.bool:
+        return mask.clone()
+    if bool(((mask == 0) | (mask == 1)).all()):
+        return mask.to(torch.bool)
+    return mask.clone()  # a soft mask (user rule) is kept as it is
+
+
+class BaseDataSparsifier(abc.ABC):
+    """Owns a mask for every piece of data registered under a name; ``step()`` updates them.
+
+    Subclasses override one rule, :meth:`update_mask`, which edits ``self.get_mask(name)`` in
+    place (``mask[...] = 0``, ``mask *= other`` and ``mask.data = ...`` all take effect; the mask
+    keeps its storage, so masks placed in shared memory stay shared).
+
+    Args:
+        data_list: ``(name, data)`` pairs registered with the default config.
+        **defaults: config every name starts from; per-name config in ``add_data`` overrides it.
+    """
+
+    def __init__(self, data_list: Iterable[tuple[str, Any]] | None = None, **defaults: Any):
+        self._validate_config(defaults)
+        self.defaults: dict[str, Any] = dict(defaults)
+        self.data_groups: dict[str, dict[str, Any]] = {}
+        self.state: dict[str, dict[str, Any]] = {}
+        self._data: dict[str, torch.Tensor | None] = {}
+        self._squashed: set[str] = set()
+        self.enable_mask_update = True
+        self._step_count = 0
+        for name, data in data_list or ():
+            self.add_data(name, data)
+
+    # -- the rule ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def update_mask(self, name: str, data: torch.Tensor, **config: Any) -> None:
+        """Edit ``self.get_mask(name)`` in place from ``data`` (unmasked) and the name's config."""
+
+    def _validate_config(self, config: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` for a config the rule cannot use; called before anything changes."""
+
+    def _validate_data(self, name: str, data: torch.Tensor) -> None:
+        """Raise ``TypeError`` for data the rule cannot read (e.g. bool data for a norm rule)."""
+
+    # -- registry ---------------------------------------------------------------------------
+    def add_data(
+        self, name: str, data: Any, reuse_mask: bool = True, **config: Any
+    ) -> torch.Tensor:
+        """Register ``data`` under ``name`` and return its masked view.
+
+        An existing name keeps its config (updated by ``config``) and, with ``reuse_mask=True``,
+        its mask; ``reuse_mask=False`` starts from an all-ones mask.
+        """
+        tensor = _as_tensor(name, data)
+        mask = self.state[name]["mask"] if name in self.state else None
+        previous = self._data.get(name)
+        if (
+            reuse_mask
+            and not config
+            and mask is not None
+            and previous is not None
+            and previous.dtype == tensor.dtype
+            and mask.shape == tensor.shape
+            and mask.device == tensor.device
+            and name not in self._squashed
+        ):  # the per-batch path: a dictionary update
+            self._data[name] = tensor
+            return _masked(tensor, mask)
+
+        _check_name(name)
+        self._validate_data(name, tensor)
+        base = self.data_groups.get(name, self.defaults)
+        merged = {**base, **config}
+        if config:
+            self._validate_config(merged)
+        if mask is not None and reuse_mask:
+            if mask.shape != tensor.shape:
+                raise ValueError(
+                    f"cannot reuse the mask of {name!r}: mask has shape {tuple(mask.shape)}, new "
+                    f"data has shape {tuple(tensor.shape)}; pass reuse_mask=False for a fresh mask"
+                )
+            if mask.device != tensor.device:
+                mask = mask.to(tensor.device)
+        else:
+            mask = torch.ones_like(tensor, memory_format=torch.contiguous_format).detach()
+        self.data_groups[name] = merged
+        self.state[name] = {"mask": mask}
+        self._data[name] = tensor
+        self._squashed.discard(name)
+        return _masked(tensor, mask)
+
+    def _require(self, name: str) -> None:
+        if name not in self.data_groups:
+            raise UnknownDataError(name, list(self.data_groups))
+
+    def get_mask(self, name: str) -> torch.Tensor:
+        """The live mask of ``name`` (edits to it take effect)."""
+        self._require(name)
+        return self.state[name]["mask"]
+
+    def get_data(self, name: str, return_original: bool = True) -> torch.Tensor:
+        """The data of ``name``: unmasked (``return_original=True``) or ``data * mask``."""
+        self._require(name)
+        data = self._data[name]
+        if data is None:
+            raise ValueError(
+                f"no data attached to {name!r} (loaded from a state without data); add_data first"
+            )
+        if name in self._squashed:
+            if return_original:
+                raise ValueError(
+                    f"mask of {name!r} was squashed: the original data no longer exists"
+                )
+            return data
+        return data if return_original else _masked(data, self.state[name]["mask"])
+
+    def is_squashed(self, name: str) -> bool:
+        self._require(name)
+        return name in self._squashed
+
+    # -- updates ----------------------------------------------------------------------------
+    def step(self) -> None:
+        """Recompute every attached, unsquashed name's mask with :meth:`update_mask`."""
+        if not self.enable_mask_update:
+            return
+        self._step_count += 1
+        with torch.no_grad():
+            for name, config in self.data_groups.items():
+                data = self._data[name]
+                if data is not None and name not in self._squashed:
+                    self._update_keeping_storage(name, data, config)
+
+    def _update_keeping_storage(self, name: str, data: torch.Tensor, config: dict) -> None:
+        mask = self.state[name]["mask"]
+        storage = mask.detach()  # alias of the current storage, survives `mask.data = ...`
+        self.update_mask(name, data, **config)
+        new = self.state[name]["mask"]
+        if new is mask and new.data_ptr() == storage.data_ptr():
+            return
+        if new.shape != storage.shape:
+            self.state[name]["mask"] = mask
+            mask.data = storage
+            raise ValueError(
+                f"update_mask for {name!r} produced a mask of shape {tuple(new.shape)}; "
+                f"the data has shape {tuple(storage.shape)}"
+            )
+        storage.copy_(new)
+        mask.data = storage
+        self.state[name]["mask"] = mask
+
+    def squash_mask(
+        self,
+        *args: Any,
+        names: Iterable[str] | None = None,
+        leave_parametrized: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Stop masking ``names`` (all when None); with ``leave_parametrized`` the mask is first
+        written into the data itself, so the user's tensor (an embedding's weight) ends up sparse."""
+        names = list(self.data_groups) if names is None else list(names)
+        for name in names:
+            self._require(name)
+        with torch.no_grad():
+            for name in names:
+                data = self._data[name]
+                if name in self._squashed or data is None:
+                    continue
+                if leave_parametrized:
+                    data.copy_(_masked(data, self.state[name]["mask"]))
+                self._squashed.add(name)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self, include_data: bool = True) -> dict[str, Any]:
+        """Masks (bool when 0/1), configs, data and squashed names; ``torch.save``-able and
+        loadable with ``weights_only=True``. ``include_data=False`` leaves the data out (what
+        sharing masks between processes needs)."""
+        sd: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "state": {n: {"mask": _compact(s["mask"])} for n, s in self.state.items()},
+            "mask_dtypes": {n: str(s["mask"].dtype) for n, s in self.state.items()},
+            "data_groups": {n: dict(c) for n, c in self.data_groups.items()},
+            "squashed": sorted(self._squashed),
+        }
+        if include_data:
+            sd["data"] = {n: d.detach() for n, d in self._data.items() if d is not None}
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore masks, configs, data and squashed status. Validated whole before anything
+        changes. ``strict=False`` keeps names that the state does not mention. A mask that
+        already exists with the same shape is overwritten in place (shared memory stays shared);
+        a name the state has no data for keeps the data it has. torch.ao's format loads too."""
+        entries = self._parse_state(state_dict)
+        if strict:
+            for name in [n for n in self.data_groups if n not in entries]:
+                del self.data_groups[name], self.state[name], self._data[name]
+                self._squashed.discard(name)
+        for name, (mask, dtype, config, data, squashed) in entries.items():
+            current = self.state.get(name, {}).get("mask")
+            if data is None:
+                data = self._data.get(name)
+                if data is not None and data.shape != mask.shape:
+                    data = None
+            if current is not None and current.shape == mask.shape:
+                current.copy_(mask.to(current.device))
+            else:
+                device = (
+                    data.device
+                    if data is not None
+                    else current.device
+                    if current is not None
+                    else mask.device
+                )
+                current = mask.to(device=device, dtype=dtype).contiguous()
+            self.state[name] = {"mask": current}
+            self.data_groups[name] = config
+            self._data[name] = data
+            if squashed:
+                self._squashed.add(name)
+            else:
+                self._squashed.discard(name)
+
+    def _parse_state(self, sd: Any) -> dict[str, tuple]:
+        if not isinstance(sd, Mapping):
+            raise CorruptStateError(f"state_dict must be a dict, got {type(sd).__name__}")
+        if "_container" in sd and "format" not in sd:
+            sd = _from_reference_format(sd)
+        fmt = sd.get("format", STATE_FORMAT)
+        if fmt != STATE_FORMAT:
+            raise CorruptStateError(
+                f"state_dict has format {fmt!r}; this version reads {STATE_FORMAT!r}"
+            )
+        for key in ("state", "data_groups"):
+            if not isinstance(sd.get(key), Mapping):
+                raise CorruptStateError(
+                    f"state_dict is missing the {key!r} dict (keys: {sorted(map(str, sd))})"
+                )
+        states, groups = sd["state"], sd["data_groups"]
+        data_map = sd.get("data", {}) or {}
+        dtypes = sd.get("mask_dtypes", {}) or {}
+        squashed = set(sd.get("squashed", ()) or ())
+        if set(states) != set(groups):
+            raise CorruptStateError(
+                f"state_dict names differ: masks for {sorted(states)}, configs for {sorted(groups)}"
+            )
+        unknown = (set(data_map) | squashed | set(dtypes)) - set(states)
+        if unknown:
+            raise CorruptStateError(f"state_dict refers to names without a mask: {sorted(unknown)}")
+        entries = {}
+        for name, entry in states.items():
+            try:
+                _check_name(name)
+            except (TypeError, ValueError) as err:
+                raise CorruptStateError(f"state_dict has a bad name: {err}") from None
+            mask = entry.get("mask") if isinstance(entry, Mapping) else None
+            if not isinstance(mask, torch.Tensor):
+                raise CorruptStateError(
+                    f"state_dict mask for {name!r} is not a tensor: {type(mask).__name__}"
+                )
+            if mask.layout != torch.strided:
+                mask = mask.to_dense()
+            config = groups[name]
+            if not isinstance(config, Mapping):
+                raise CorruptStateError(f"state_dict config for {name!r} is not a dict")
+            config = dict(config)
+            try:
+                self._validate_config(config)
+            except (TypeError, ValueError) as err:
+                raise CorruptStateError(
+                    f"state_dict config for {name!r} is invalid: {err}"
+                ) from None
+            data = data_map.get(name)
+            if data is not None and (
+                not isinstance(data, torch.Tensor) or data.shape != mask.shape
+            ):
+                got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+                raise CorruptStateError(
+                    f"state_dict data for {name!r} is {got}; its mask has shape {tuple(mask.shape)}"
+                )
+            dtype = _dtype_from_name(dtypes[name]) if name in dtypes else mask.dtype
+            entries[name] = (mask, dtype, config, data, name in squashed)
+        return entries
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for name, config in self.data_groups.items():
+            lines.append("\tData Group")
+            lines.append(f"\t    name: {name}")
+            lines.extend(f"\t    {key}: {config[key]}" for key in sorted(config))
+        return "\n".join(lines) + "\n)"
+
+
+def _from_reference_format(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """torch.ao's state_dict (masks as sparse COO, data in a container module) in this format."""
+    container = sd["_container"]
+    if not isinstance(container, Mapping):
+        raise CorruptStateError("torch.ao state_dict has a '_container' that is not a dict")
+    data, squashed = {}, []
+    for name in sd.get("state", {}):
+        if name in container:  # parametrization removed: squashed
+            data[name] = container[name]
+            squashed.append(name)
+        elif f"parametrizations.{name}.original" in container:
+            data[name] = container[f"parametrizations.{name}.original"]
+        else:
+            raise CorruptStateError(f"torch.ao state_dict has no data for {name!r}")
+    return {
+        "state": sd.get("state"),
+        "data_groups": sd.get("data_groups"),
+        "data": data,
+        "squashed": squashed,
+    }

@@ -1,0 +1,44 @@
+"""ThresholdSparsifier: the seed's example rule, zero every entry with |x| < threshold."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from pipesparse.base import BaseDataSparsifier
+
+__all__ = ["ThresholdSparsifier"]
+
+
+class ThresholdSparsifier(BaseDataSparsifier):
+    """Keep entries with ``|x| >= threshold``. The mask is recomputed from scratch on every step
+    (the seed's example only ever zeroes, so a mask could never recover).
+
+    Args:
+        data_list: ``(name, data)`` pairs to register.
+        threshold: magnitude below which an entry is zeroed; per-name config may override it.
+    """
+
+    def __init__(self, data_list: list[tuple[str, Any]] | None = None, threshold: float = 0.1):
+        super().__init__(data_list, threshold=threshold)
+
+    def _validate_config(self, config: Mapping[str, Any]) -> None:
+        threshold = config.get("threshold")
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or math.isnan(threshold)
+        ):
+            raise ValueError(f"threshold must be a number, got {threshold!r}")
+
+    def _validate_data(self, name: str, data: torch.Tensor) -> None:
+        if data.dtype == torch.bool:
+            raise TypeError(
+                f"ThresholdSparsifier compares magnitudes; {name!r} has dtype torch.bool"
+            )
+
+    def update_mask(self, name: str, data: torch.Tensor, threshold: float, **kwargs: Any) -> None:  # type: ignore[override]
+        self.get_mask(name).copy_(data.abs() >= threshold)
