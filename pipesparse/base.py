@@ -22,6 +22,22 @@ __all__ = ["BaseDataSparsifier", "STATE_FORMAT"]
 
 STATE_FORMAT = "pipesparse.data_sparsifier/1"
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+# dtypes a mask may have: 0/1 (or soft) values that multiply data of any real dtype
+_MASK_DTYPES = {
+    str(d): d
+    for d in (
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+    )
+}
 
 
 def _as_tensor(name: str, data: Any) -> torch.Tensor:
@@ -49,16 +65,24 @@ def _masked(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == data.dtype else out.to(data.dtype)
 
 
-def _dtype_from_name(text: str) -> torch.dtype:
-    dtype = getattr(torch, text.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise CorruptStateError(f"state_dict names an unknown mask dtype {text!r}")
+def _dtype_from_name(name: str, text: Any) -> torch.dtype:
+    dtype = _MASK_DTYPES.get(text) if isinstance(text, str) else None
+    if dtype is None:
+        raise CorruptStateError(
+            f"state_dict gives {name!r} the unknown mask dtype {text!r}; accepted: "
+            f"{', '.join(_MASK_DTYPES)}"
+        )
     return dtype
 
 
+def _listed(names: Iterable[Any]) -> str:
+    return "[" + ", ".join(sorted(map(repr, names))) + "]"
+
+
 def _compact(mask: torch.Tensor) -> torch.Tensor:
-    """A 0/1 mask as bool: one byte per entry, exact. (Sparse COO would cost 8 bytes of index per
-    dim per kept entry, i.e. more than the dense float mask at any useful sparsity.)"""
+    """A 0/1 mask as bool: exact, one byte per entry. torch.ao's sparse COO spends 8 bytes of
+    index per dim on every kept entry (17+ bytes for a 2-D mask): larger than bool unless more
+    than ~94% of the entries are zero."""
     mask = mask.detach()
     if mask.dtype == torch.bool:
         return mask.clone()
@@ -112,8 +136,9 @@ class BaseDataSparsifier(abc.ABC):
         its mask; ``reuse_mask=False`` starts from an all-ones mask.
         """
         tensor = _as_tensor(name, data)
-        mask = self.state[name]["mask"] if name in self.state else None
-        previous = self._data.get(name)
+        entry = self.state.get(name) if isinstance(name, str) else None
+        mask = entry["mask"] if entry is not None else None
+        previous = self._data.get(name) if entry is not None else None
         if (
             reuse_mask
             and not config
@@ -175,6 +200,7 @@ class BaseDataSparsifier(abc.ABC):
         return data if return_original else _masked(data, self.state[name]["mask"])
 
     def is_squashed(self, name: str) -> bool:
+        """Whether ``squash_mask`` stopped masking ``name`` (``step`` then skips it)."""
         self._require(name)
         return name in self._squashed
 
@@ -198,10 +224,11 @@ class BaseDataSparsifier(abc.ABC):
         if new is mask and new.data_ptr() == storage.data_ptr():
             return
         if new.shape != storage.shape:
+            produced = tuple(new.shape)
             self.state[name]["mask"] = mask
             mask.data = storage
             raise ValueError(
-                f"update_mask for {name!r} produced a mask of shape {tuple(new.shape)}; "
+                f"update_mask for {name!r} produced a mask of shape {produced}; "
                 f"the data has shape {tuple(storage.shape)}"
             )
         storage.copy_(new)
@@ -209,15 +236,14 @@ class BaseDataSparsifier(abc.ABC):
         self.state[name]["mask"] = mask
 
     def squash_mask(
-        self,
-        *args: Any,
-        names: Iterable[str] | None = None,
-        leave_parametrized: bool = True,
-        **kwargs: Any,
+        self, names: str | Iterable[str] | None = None, leave_parametrized: bool = True
     ) -> None:
         """Stop masking ``names`` (all when None); with ``leave_parametrized`` the mask is first
         written into the data itself, so the user's tensor (an embedding's weight) ends up sparse."""
-        names = list(self.data_groups) if names is None else list(names)
+        if names is None:
+            names = list(self.data_groups)
+        else:
+            names = [names] if isinstance(names, str) else list(names)
         for name in names:
             self._require(name)
         with torch.no_grad():
@@ -263,7 +289,7 @@ class BaseDataSparsifier(abc.ABC):
                     data = None
             if current is not None and current.shape == mask.shape:
                 current.copy_(mask.to(current.device))
-            else:
+            else:  # a copy: two sparsifiers loaded from one state must not share a mask
                 device = (
                     data.device
                     if data is not None
@@ -271,7 +297,9 @@ class BaseDataSparsifier(abc.ABC):
                     if current is not None
                     else mask.device
                 )
-                current = mask.to(device=device, dtype=dtype).contiguous()
+                current = mask.to(
+                    device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format
+                )
             self.state[name] = {"mask": current}
             self.data_groups[name] = config
             self._data[name] = data
@@ -296,16 +324,30 @@ class BaseDataSparsifier(abc.ABC):
                     f"state_dict is missing the {key!r} dict (keys: {sorted(map(str, sd))})"
                 )
         states, groups = sd["state"], sd["data_groups"]
-        data_map = sd.get("data", {}) or {}
-        dtypes = sd.get("mask_dtypes", {}) or {}
-        squashed = set(sd.get("squashed", ()) or ())
+        data_map = sd.get("data") or {}
+        dtypes = sd.get("mask_dtypes") or {}
+        squashed = sd.get("squashed") or ()
+        for key, value in (("data", data_map), ("mask_dtypes", dtypes)):
+            if not isinstance(value, Mapping):
+                raise CorruptStateError(
+                    f"state_dict {key!r} must be a dict, got {type(value).__name__}"
+                )
+        if not isinstance(squashed, (list, tuple, set, frozenset)) or not all(
+            isinstance(n, str) for n in squashed
+        ):
+            raise CorruptStateError(
+                f"state_dict 'squashed' must be a list of names, got {squashed!r}"
+            )
+        squashed = set(squashed)
         if set(states) != set(groups):
             raise CorruptStateError(
-                f"state_dict names differ: masks for {sorted(states)}, configs for {sorted(groups)}"
+                f"state_dict names differ: masks for {_listed(states)}, configs for {_listed(groups)}"
             )
         unknown = (set(data_map) | squashed | set(dtypes)) - set(states)
         if unknown:
-            raise CorruptStateError(f"state_dict refers to names without a mask: {sorted(unknown)}")
+            raise CorruptStateError(
+                f"state_dict refers to names without a mask: {_listed(unknown)}"
+            )
         entries = {}
         for name, entry in states.items():
             try:
@@ -319,6 +361,11 @@ class BaseDataSparsifier(abc.ABC):
                 )
             if mask.layout != torch.strided:
                 mask = mask.to_dense()
+            if str(mask.dtype) not in _MASK_DTYPES:
+                raise CorruptStateError(
+                    f"state_dict mask for {name!r} has dtype {mask.dtype}; accepted: "
+                    f"{', '.join(_MASK_DTYPES)}"
+                )
             config = groups[name]
             if not isinstance(config, Mapping):
                 raise CorruptStateError(f"state_dict config for {name!r} is not a dict")
@@ -330,14 +377,21 @@ class BaseDataSparsifier(abc.ABC):
                     f"state_dict config for {name!r} is invalid: {err}"
                 ) from None
             data = data_map.get(name)
-            if data is not None and (
-                not isinstance(data, torch.Tensor) or data.shape != mask.shape
-            ):
-                got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
-                raise CorruptStateError(
-                    f"state_dict data for {name!r} is {got}; its mask has shape {tuple(mask.shape)}"
-                )
-            dtype = _dtype_from_name(dtypes[name]) if name in dtypes else mask.dtype
+            if data is not None:
+                if not isinstance(data, torch.Tensor) or data.shape != mask.shape:
+                    got = (
+                        tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+                    )
+                    raise CorruptStateError(
+                        f"state_dict data for {name!r} is {got}; its mask has shape "
+                        f"{tuple(mask.shape)}"
+                    )
+                try:
+                    self._validate_data(name, data)
+                except (TypeError, ValueError) as err:
+                    raise CorruptStateError(f"state_dict data for {name!r}: {err}") from None
+                data = data.detach().clone()  # the loaded sparsifier owns its data, as in torch.ao
+            dtype = _dtype_from_name(name, dtypes[name]) if name in dtypes else mask.dtype
             entries[name] = (mask, dtype, config, data, name in squashed)
         return entries
 
@@ -352,11 +406,11 @@ class BaseDataSparsifier(abc.ABC):
 
 def _from_reference_format(sd: Mapping[str, Any]) -> dict[str, Any]:
     """torch.ao's state_dict (masks as sparse COO, data in a container module) in this format."""
-    container = sd["_container"]
-    if not isinstance(container, Mapping):
-        raise CorruptStateError("torch.ao state_dict has a '_container' that is not a dict")
+    container, states = sd["_container"], sd.get("state")
+    if not isinstance(container, Mapping) or not isinstance(states, Mapping):
+        raise CorruptStateError("torch.ao state_dict needs '_container' and 'state' dicts")
     data, squashed = {}, []
-    for name in sd.get("state", {}):
+    for name in states:
         if name in container:  # parametrization removed: squashed
             data[name] = container[name]
             squashed.append(name)
@@ -365,7 +419,7 @@ def _from_reference_format(sd: Mapping[str, Any]) -> dict[str, Any]:
         else:
             raise CorruptStateError(f"torch.ao state_dict has no data for {name!r}")
     return {
-        "state": sd.get("state"),
+        "state": states,
         "data_groups": sd.get("data_groups"),
         "data": data,
         "squashed": squashed,

@@ -12,13 +12,16 @@ class UnknownDataError(KeyError, ValueError):
     """
 
     def __init__(self, name: object, known: list[str]):
-        self.name = name
-        shown = ", ".join(repr(k) for k in known[:10]) or "none"
-        more = f" (+{len(known) - 10} more)" if len(known) > 10 else ""
+        self.name, self.known = name, list(known)
+        shown = ", ".join(repr(k) for k in self.known[:10]) or "none"
+        more = f" (+{len(self.known) - 10} more)" if len(self.known) > 10 else ""
         super().__init__(f"no data registered under name {name!r}; registered names: {shown}{more}")
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0])
+
+    def __reduce__(self):  # picklable, so it crosses process boundaries (workers, Ray)
+        return type(self), (self.name, self.known)
 
 
 class CorruptStateError(ValueError):

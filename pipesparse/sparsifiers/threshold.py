@@ -35,10 +35,14 @@ class ThresholdSparsifier(BaseDataSparsifier):
             raise ValueError(f"threshold must be a number, got {threshold!r}")
 
     def _validate_data(self, name: str, data: torch.Tensor) -> None:
-        if data.dtype == torch.bool:
+        if data.dtype == torch.bool or data.is_complex():
             raise TypeError(
-                f"ThresholdSparsifier compares magnitudes; {name!r} has dtype torch.bool"
+                f"ThresholdSparsifier compares real magnitudes; {name!r} has dtype {data.dtype} "
+                "(accepted: integer and floating dtypes)"
             )
 
     def update_mask(self, name: str, data: torch.Tensor, threshold: float, **kwargs: Any) -> None:  # type: ignore[override]
-        self.get_mask(name).copy_(data.abs() >= threshold)
+        # Not `data.abs()`: it overflows at the most negative integer (int8 -128 stays -128). A
+        # float bound also keeps `-threshold` from wrapping around in unsigned dtypes.
+        bound = float(threshold)
+        self.get_mask(name).copy_((data >= bound) | (data <= -bound))

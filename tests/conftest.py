@@ -1,0 +1,68 @@
+"""Shared test settings and helpers.
+
+Hypothesis runs without deadlines (2 shared CPU cores make timings meaningless) and with
+modest example counts; tests that want more say so themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "pipesparse",
+    deadline=None,
+    max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("pipesparse")
+
+
+def assert_same(a: Any, b: Any, where: str = "state_dict") -> None:
+    """Deep equality of nested dicts/lists/tensors; tensors must match in dtype, shape, values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b).__name__}"
+        assert a.dtype == b.dtype, f"{where}: dtype {a.dtype} != {b.dtype}"
+        assert a.shape == b.shape, f"{where}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{where}: values")
+    elif isinstance(a, Mapping):
+        assert isinstance(b, Mapping), f"{where}: dict vs {type(b).__name__}"
+        assert set(a) == set(b), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture
+def same():
+    """:func:`assert_same` as a fixture (test modules cannot import conftest by name)."""
+    return assert_same
+
+
+@pytest.fixture
+def unchanged():
+    """``with unchanged(sparsifier): ...``: the block must leave the sparsifier's state (masks,
+    configs, data values, squashed names) and its live mask objects exactly as they were."""
+
+    @contextlib.contextmanager
+    def check(sparsifier) -> Iterator[None]:
+        before = copy.deepcopy(sparsifier.state_dict())
+        masks = {name: entry["mask"] for name, entry in sparsifier.state.items()}
+        yield
+        assert_same(before, sparsifier.state_dict())
+        assert sparsifier.state.keys() == masks.keys()
+        for name, mask in masks.items():
+            assert sparsifier.state[name]["mask"] is mask, f"mask object of {name!r} replaced"
+
+    return check
