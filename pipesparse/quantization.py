@@ -1,0 +1,205 @@
+"""Sparsify and quantize a model's embeddings after training (torch.ao's recipe, zeros kept).
+
+torch.ao's ``post_training_sparse_quantize`` quantizes with float zero points: a pruned 0.0 is
+stored as ``round(zero_point)`` and dequantizes to ``(round(zp) - zp) * scale``, not 0, so about
+9 of 50 % zeros survive. Here every row is quantized with an *integer* zero point (0.0 is then a
+grid point) and a scale with 16 significant bits (so ``zero_point * scale`` is exact in float32
+and the packed embedding kernels' ``q * scale + bias`` cancels to exactly 0.0 too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.ao.nn import quantized as nnq
+
+from pipesparse.base import BaseDataSparsifier
+
+__all__ = ["QuantizedMeanEmbeddingBag", "post_training_sparse_quantize", "quantize_zero_exact"]
+
+_SUPPORTED = (nn.Embedding, nn.EmbeddingBag)
+_QMAX = 255  # torch.quint8
+
+
+def quantize_zero_exact(weight: torch.Tensor) -> torch.Tensor:
+    """Per-row quint8 quantization (the scheme quantized embeddings need) that stores 0.0 exactly.
+
+    The range of each row is widened to include 0; the error of any entry is at most half a step.
+    """
+    w = weight.detach().float()
+    low = w.amin(dim=1).clamp(max=0)
+    high = w.amax(dim=1).clamp(min=0)
+    scale = (high - low) / _QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row
+    mantissa, exponent = torch.frexp(scale)
+    scale = torch.ldexp(torch.ceil(mantissa * 2**16) / 2**16, exponent)
+    zero_point = torch.round(-low / scale).clamp(0, _QMAX)
+    return torch.quantize_per_channel(w, scale.double(), zero_point, axis=0, dtype=torch.quint8)
+
+
+class QuantizedMeanEmbeddingBag(nnq.EmbeddingBag):
+    """A quantized ``mode="mean"`` EmbeddingBag. The quantized kernel always sums, so torch.ao's
+    conversion silently turns a mean bag into a sum; this divides by each bag's size (an empty
+    bag gives zeros, as in ``nn.EmbeddingBag``)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+        per_sample_weights: torch.Tensor | None = None,
+        compressed_indices_mapping: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if per_sample_weights is not None:
+            raise ValueError("per_sample_weights needs an EmbeddingBag with mode='sum'")
+        if indices.dim() == 2:  # one bag per row, as in nn.EmbeddingBag
+            rows, width = indices.shape
+            offsets = torch.arange(0, rows * width + 1, max(width, 1), device=indices.device)
+            offsets = offsets[: rows + self.include_last_offset]
+            indices = indices.reshape(-1)
+        if offsets is None:
+            raise ValueError("1-D indices need offsets (the start of each bag)")
+        out = super().forward(indices, offsets, None, compressed_indices_mapping)
+        ends = torch.cat([offsets[1:], offsets.new_tensor([indices.numel()])])
+        sizes = (offsets[1:] - offsets[:-1]) if self.include_last_offset else ends - offsets
+        return out / sizes.clamp(min=1).unsqueeze(1).to(out.dtype)
+
+
+def _requantize(dense: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.quantize_per_channel(
+        dense,
+        like.q_per_channel_scales(),
+        like.q_per_channel_zero_points(),
+        axis=like.q_per_channel_axis(),
+        dtype=like.dtype,
+    )
+
+
+def _embeddings(
+    model: nn.Module, select: Iterable[nn.Module] | None
+) -> list[tuple[nn.Module, list[str]]]:
+    """``(embedding, its qualified names)`` to convert; a module shared under several names is
+    listed once with all of them."""
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        if fqn and type(module) in _SUPPORTED:
+            found.setdefault(id(module), (module, []))[1].append(fqn)
+    if select is None:
+        return _check_modes(list(found.values()))
+    if isinstance(select, nn.Module):
+        raise TypeError("select_embeddings must be a list of embedding modules, not one module")
+    chosen: dict[int, tuple[nn.Module, list[str]]] = {}
+    for module in select:
+        if type(module) not in _SUPPORTED:
+            raise TypeError(
+                f"select_embeddings holds a {type(module).__name__}; accepted: nn.Embedding, "
+                "nn.EmbeddingBag"
+            )
+        if id(module) not in found:
+            raise ValueError(
+                f"select_embeddings holds {module!r}, which is not a submodule of the model"
+            )
+        chosen[id(module)] = found[id(module)]
+    return _check_modes(list(chosen.values()))
+
+
+def _check_modes(
+    embeddings: list[tuple[nn.Module, list[str]]],
+) -> list[tuple[nn.Module, list[str]]]:
+    for module, fqns in embeddings:
+        if getattr(module, "mode", "sum") not in ("sum", "mean"):
+            raise ValueError(
+                f"EmbeddingBag {fqns[0]!r} has mode={module.mode!r}; quantized bags support "
+                "'sum' and 'mean'"
+            )
+    return embeddings
+
+
+def _data_names(embeddings: list[tuple[nn.Module, list[str]]]) -> list[str]:
+    """Sparsifier names as the reference spells them ("emb_seq.0" -> "emb_seq_0"), made unique."""
+    names: list[str] = []
+    for _, fqns in embeddings:
+        name = fqns[0].replace(".", "_")
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return names
+
+
+def _quantized_module(module: nn.Module, qweight: torch.Tensor) -> nn.Module:
+    """The module torch.ao's ``convert`` would put in place of ``module``, holding ``qweight``."""
+    if type(module) is nn.Embedding:
+        qmodule = nnq.Embedding(module.num_embeddings, module.embedding_dim, dtype=torch.quint8)
+    else:
+        bag_class = QuantizedMeanEmbeddingBag if module.mode == "mean" else nnq.EmbeddingBag
+        qmodule = bag_class(
+            module.num_embeddings,
+            module.embedding_dim,
+            max_norm=module.max_norm,
+            norm_type=module.norm_type,
+            scale_grad_by_freq=module.scale_grad_by_freq,
+            mode=module.mode,
+            sparse=module.sparse,
+            include_last_offset=module.include_last_offset,
+            dtype=torch.quint8,
+        )
+    qmodule.set_weight(qweight)
+    return qmodule
+
+
+def post_training_sparse_quantize(
+    model: nn.Module,
+    data_sparsifier_class: type[BaseDataSparsifier],
+    sparsify_first: bool = True,
+    select_embeddings: Iterable[nn.Module] | None = None,
+    **sparse_config,
+) -> nn.Module:
+    """Sparsify and quantize (quint8, per row) the embeddings of ``model`` in place.
+
+    Every ``nn.Embedding``/``nn.EmbeddingBag`` submodule (nested ones too), or only those in
+    ``select_embeddings``, is replaced by its ``torch.ao.nn.quantized`` counterpart, as
+    torch.ao's function does; other modules are untouched. Pruned entries dequantize to exactly
+    0.0, in both orders.
+
+    Args:
+        model: the model whose embeddings are converted (modified in place and returned).
+        data_sparsifier_class: a :class:`~pipesparse.BaseDataSparsifier` subclass, built with
+            ``**sparse_config``.
+        sparsify_first: True: prune the float weights (which are left pruned in the original
+            modules, as in the reference), then quantize. False: quantize, prune the dequantized
+            weights (the values the quantized model sees), requantize with the same parameters.
+        select_embeddings: the embedding modules to convert; None: all of them.
+        **sparse_config: arguments of ``data_sparsifier_class``.
+    """
+    if not (
+        isinstance(data_sparsifier_class, type)
+        and issubclass(data_sparsifier_class, BaseDataSparsifier)
+    ):
+        raise TypeError(
+            f"data_sparsifier_class must be a pipesparse.BaseDataSparsifier subclass, got "
+            f"{data_sparsifier_class!r}"
+        )
+    embeddings = _embeddings(model, select_embeddings)
+    sparsifier = data_sparsifier_class(**sparse_config)
+    names = _data_names(embeddings)
+
+    if sparsify_first:
+        for name, (module, _) in zip(names, embeddings, strict=True):
+            sparsifier.add_data(name, module)
+        sparsifier.step()
+        sparsifier.squash_mask()  # writes the pruned values into the modules' own weights
+        qweights = [quantize_zero_exact(module.weight) for module, _ in embeddings]
+    else:
+        quantized = [quantize_zero_exact(module.weight) for module, _ in embeddings]
+        dense = [q.dequantize() for q in quantized]
+        for name, weight in zip(names, dense, strict=True):
+            sparsifier.add_data(name, weight)
+        sparsifier.step()
+        sparsifier.squash_mask()
+        qweights = [_requantize(d, q) for d, q in zip(dense, quantized, strict=True)]
+
+    for (module, fqns), qweight in zip(embeddings, qweights, strict=True):
+        qmodule = _quantized_module(module, qweight)
+        for fqn in fqns:
+            parent, _, attr = fqn.rpartition(".")
+            setattr(model.get_submodule(parent), attr, qmodule)
+    return model

@@ -1,0 +1,241 @@
+"""Schedulers that vary one config value of a data sparsifier over time (e.g. a sparsity ramp).
+
+``BaseDataScheduler`` follows torch.ao's data scheduler (itself modelled on torch's LR
+schedulers): the constructor makes the initial step at ``last_epoch=0``, each ``step()``
+advances ``last_epoch`` and writes :meth:`get_schedule_param`'s values into the sparsifier's
+``data_groups``, which the next ``data_sparsifier.step()`` uses. Unlike the reference it does
+not monkeypatch ``data_sparsifier.step`` (the sparsifier counts its own steps), and it checks
+the new values with the sparsifier's own config validation before changing anything.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from pipesparse.base import BaseDataSparsifier
+from pipesparse.errors import CorruptStateError, UnknownDataError
+
+__all__ = ["BaseDataScheduler", "CubicSparsityScheduler", "LinearSparsityScheduler"]
+
+_NOT_STATE = ("data_sparsifier", "_sparsifier_steps_at_start")
+_REQUIRED_STATE = ("last_epoch", "_step_count", "base_param", "_last_param", "schedule_param")
+
+
+class BaseDataScheduler:
+    """Vary ``schedule_param`` of every data group of ``data_sparsifier`` step by step.
+
+    Call ``data_sparsifier.step()`` first, then ``scheduler.step()`` (as with LR schedulers);
+    the opposite order warns. Subclasses implement :meth:`get_schedule_param`.
+
+    Args:
+        data_sparsifier: the :class:`~pipesparse.BaseDataSparsifier` whose config is scheduled.
+        schedule_param: the config key to vary, e.g. ``"sparsity_level"``.
+        last_epoch: the step to resume after (``-1``: start from scratch).
+        verbose: print every change.
+    """
+
+    def __init__(
+        self,
+        data_sparsifier: BaseDataSparsifier,
+        schedule_param: str,
+        last_epoch: int = -1,
+        verbose: bool = False,
+    ):
+        if not isinstance(data_sparsifier, BaseDataSparsifier):
+            raise TypeError(
+                f"{type(data_sparsifier).__name__} is not a pipesparse.BaseDataSparsifier"
+            )
+        if not isinstance(schedule_param, str):
+            raise TypeError(
+                f"schedule_param must be a config key (str), got {type(schedule_param).__name__}"
+            )
+        self.data_sparsifier = data_sparsifier
+        self.schedule_param = schedule_param
+        self.base_param = {
+            name: config.get(schedule_param) for name, config in data_sparsifier.data_groups.items()
+        }
+        self.last_epoch = last_epoch
+        self.verbose = verbose
+        self._step_count = 0
+        self._last_param: dict[str, Any] = {}
+        self._get_sp_called_within_step = False
+        self._sparsifier_steps_at_start = data_sparsifier._step_count
+        self.step()
+
+    @abc.abstractmethod
+    def get_schedule_param(self) -> dict[str, Any]:
+        """Name -> new value of ``schedule_param``, computed from ``self.last_epoch``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement get_schedule_param() (name -> new value of "
+            f"{self.schedule_param!r})"
+        )
+
+    def get_last_param(self) -> dict[str, Any]:
+        """Name -> value of ``schedule_param`` after the last step."""
+        return self._last_param
+
+    def step(self) -> None:
+        """Advance one step and write the new values into the sparsifier's ``data_groups``."""
+        if self._step_count == 1 and (
+            self.data_sparsifier._step_count <= self._sparsifier_steps_at_start
+        ):
+            warnings.warn(
+                "Detected call of `scheduler.step()` before `data_sparsifier.step()`. Call "
+                "`data_sparsifier.step()` BEFORE `scheduler.step()`, otherwise the first value "
+                "of the schedule is skipped.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.last_epoch += 1
+        self._get_sp_called_within_step = True
+        try:
+            self._apply(self.get_schedule_param())
+        except BaseException:
+            self.last_epoch -= 1  # a failed step changes nothing
+            raise
+        finally:
+            self._get_sp_called_within_step = False
+        self._step_count += 1
+
+    def _apply(self, params: Mapping[str, Any]) -> None:
+        """Validate every new config, then write them all (bad values change nothing)."""
+        groups = self.data_sparsifier.data_groups
+        for name, value in params.items():
+            if name not in groups:
+                raise UnknownDataError(name, list(groups))
+            try:
+                self.data_sparsifier._validate_config({**groups[name], self.schedule_param: value})
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"{type(self).__name__} set {self.schedule_param}={value!r} for {name!r}: {err}"
+                ) from None
+        for name, value in params.items():
+            groups[name][self.schedule_param] = value
+            if self.verbose:
+                print(f"Adjusting {self.schedule_param} for group {name} to {value}")
+        self._last_param = {
+            name: config.get(self.schedule_param) for name, config in groups.items()
+        }
+        self.data_sparsifier.enable_mask_update = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every attribute but the sparsifier (save the sparsifier's own state separately);
+        plain Python values, loadable with ``torch.load(..., weights_only=True)``."""
+        return {key: value for key, value in self.__dict__.items() if key not in _NOT_STATE}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict` (restore the sparsifier first)."""
+        if not isinstance(state_dict, Mapping):
+            raise CorruptStateError(
+                f"scheduler state_dict must be a dict, got {type(state_dict).__name__}"
+            )
+        missing = [key for key in _REQUIRED_STATE if key not in state_dict]
+        unknown = sorted(set(state_dict) - set(self.state_dict()))
+        if missing or unknown:
+            raise CorruptStateError(
+                f"not a {type(self).__name__} state_dict: missing keys {missing}, "
+                f"unknown keys {unknown}"
+            )
+        self.__dict__.update(state_dict)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__} (\nData Sparsifier {self.data_sparsifier}\n"
+            f"    {self.schedule_param}: {self.base_param}\n)"
+        )
+
+
+class _RampScheduler(BaseDataScheduler):
+    """Moves ``schedule_param`` of every data group (and of the sparsifier's defaults) from
+    ``init_level`` to ``final_level`` over ``total_steps`` steps, then holds ``final_level``;
+    subclasses give the shape of the ramp."""
+
+    def __init__(
+        self,
+        data_sparsifier: BaseDataSparsifier,
+        init_level: float = 0.0,
+        final_level: float = 0.5,
+        total_steps: int = 100,
+        schedule_param: str = "sparsity_level",
+        last_epoch: int = -1,
+        verbose: bool = False,
+    ):
+        for key, level in (("init_level", init_level), ("final_level", final_level)):
+            if (
+                isinstance(level, bool)
+                or not isinstance(level, (int, float))
+                or not math.isfinite(level)
+            ):
+                raise ValueError(f"{key} must be a finite number, got {level!r}")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        self.init_level = float(init_level)
+        self.final_level = float(final_level)
+        self.total_steps = total_steps
+        super().__init__(data_sparsifier, schedule_param, last_epoch, verbose)
+
+    def _shape(self, progress: float) -> float:
+        """Fraction of the way from init to final level at ``progress`` in [0, 1]."""
+        raise NotImplementedError
+
+    def level_at(self, step: int) -> float:
+        """The scheduled value after ``step`` steps."""
+        progress = min(max(step, 0), self.total_steps) / self.total_steps
+        return self.init_level + (self.final_level - self.init_level) * self._shape(progress)
+
+    def get_schedule_param(self) -> dict[str, float]:
+        level = self.level_at(self.last_epoch)
+        return dict.fromkeys(self.data_sparsifier.data_groups, level)
+
+    def step(self) -> None:
+        """Also write the level into the sparsifier's defaults, so data registered later (a
+        pipeline's first batch) starts from the scheduled value, not the constructor's."""
+        defaults = self.data_sparsifier.defaults
+        level = self.level_at(self.last_epoch + 1)
+        try:
+            self.data_sparsifier._validate_config({**defaults, self.schedule_param: level})
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{type(self).__name__} cannot set {self.schedule_param}={level!r}: {err}"
+            ) from None
+        super().step()
+        defaults[self.schedule_param] = level
+
+
+class LinearSparsityScheduler(_RampScheduler):
+    """``s_t = s_i + (s_f - s_i) * t / T``: a straight ramp of ``sparsity_level``.
+
+    Args:
+        data_sparsifier: the sparsifier whose ``schedule_param`` is ramped (every data group).
+        init_level: value at step 0 (``s_i``).
+        final_level: value from step ``total_steps`` on (``s_f``).
+        total_steps: length of the ramp (``T``), in ``scheduler.step()`` calls.
+        schedule_param: config key to ramp.
+        last_epoch: the step to resume after (``-1``: start from scratch).
+        verbose: print every change.
+    """
+
+    def _shape(self, progress: float) -> float:
+        return progress
+
+
+class CubicSparsityScheduler(_RampScheduler):
+    """``s_t = s_f + (s_i - s_f) * (1 - t / T) ** 3`` (Zhu & Gupta, 2017, "To prune, or not to
+    prune"): prune fast while much is redundant, slowly as the final level nears.
+
+    Args:
+        data_sparsifier: the sparsifier whose ``schedule_param`` is ramped (every data group).
+        init_level: value at step 0 (``s_i``).
+        final_level: value from step ``total_steps`` on (``s_f``).
+        total_steps: length of the ramp (``T``), in ``scheduler.step()`` calls.
+        schedule_param: config key to ramp.
+        last_epoch: the step to resume after (``-1``: start from scratch).
+        verbose: print every change.
+    """
+
+    def _shape(self, progress: float) -> float:
+        return 1.0 - (1.0 - progress) ** 3

@@ -1,0 +1,243 @@
+"""post_training_sparse_quantize: both orders, nested and selected embeddings, exact zeros."""
+# torch warns once that quantized tensor creation is deprecated (the reference hits it too).
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn import quantized as nnq
+from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefNorm
+from torch.ao.pruning._experimental.data_sparsifier.quantization_utils import (
+    post_training_sparse_quantize as ref_post_training_sparse_quantize,
+)
+
+from pipesparse import DataNormSparsifier, NMSparsifier, post_training_sparse_quantize
+from pipesparse.quantization import QuantizedMeanEmbeddingBag, quantize_zero_exact
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+CONFIG = {"sparsity_level": 0.8, "sparse_block_shape": (1, 1)}
+
+
+class Model(nn.Module):
+    """The reference test's model: embeddings at the top and nested in a Sequential."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb1 = nn.Embedding(100, 3)
+        self.embbag1 = nn.EmbeddingBag(200, 32)
+        self.emb_seq = nn.Sequential(nn.Embedding(150, 3), nn.EmbeddingBag(100, 3))
+        self.linear1 = nn.Linear(32, 32)
+        self.linear2 = nn.Linear(16, 16)
+
+
+def _zero_fraction(qmodule) -> float:
+    return (qmodule.weight().dequantize() == 0).float().mean().item()
+
+
+def test_sparsify_first_selected_embeddings_only():
+    model = Model()
+    linear_before = copy.deepcopy(model.linear1.state_dict())
+    returned = post_training_sparse_quantize(
+        model,
+        DataNormSparsifier,
+        sparsify_first=True,
+        select_embeddings=[model.embbag1, model.emb1],
+        **CONFIG,
+    )
+    assert returned is model
+    assert type(model.emb1) is nnq.Embedding
+    assert type(model.embbag1) is QuantizedMeanEmbeddingBag  # a mode="mean" bag
+    assert type(model.emb_seq[0]) is nn.Embedding
+    assert type(model.emb_seq[1]) is nn.EmbeddingBag
+    assert type(model.linear1) is nn.Linear and type(model.linear2) is nn.Linear
+    assert all(torch.equal(v, model.linear1.state_dict()[k]) for k, v in linear_before.items())
+    for module in (model.emb1, model.embbag1):
+        assert 0.8 <= _zero_fraction(module) <= 0.85  # exact zeros (plus a few rounded to 0)
+
+
+def test_quantize_first_converts_nested_embeddings():
+    model = Model()
+    post_training_sparse_quantize(model, DataNormSparsifier, sparsify_first=False, **CONFIG)
+    assert type(model.emb1) is nnq.Embedding and type(model.emb_seq[0]) is nnq.Embedding
+    assert isinstance(model.embbag1, nnq.EmbeddingBag)
+    assert isinstance(model.emb_seq[1], nnq.EmbeddingBag)
+    assert type(model.linear1) is nn.Linear
+    for module in (model.emb1, model.embbag1, model.emb_seq[0], model.emb_seq[1]):
+        assert 0.8 <= _zero_fraction(module) <= 0.85
+
+
+@pytest.mark.parametrize("sparsify_first", [True, False])
+def test_same_module_types_as_the_reference(sparsify_first):
+    ours, ref = Model(), Model()
+    post_training_sparse_quantize(ours, DataNormSparsifier, sparsify_first, **CONFIG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's eager-mode quantization deprecation
+        ref_post_training_sparse_quantize(ref, RefNorm, sparsify_first, **CONFIG)
+    for (name, a), (_, b) in zip(ours.named_modules(), ref.named_modules(), strict=True):
+        assert isinstance(a, type(b)), name  # a mean bag is a subclass that really averages
+        if isinstance(a, nnq.Embedding):
+            qa, qb = a.weight(), b.weight()
+            assert (qa.dtype, qa.qscheme()) == (qb.dtype, qb.qscheme()), name
+
+
+def test_sparsity_survives_quantization_where_the_reference_loses_it():
+    """The reference stores a pruned 0.0 with a float zero point and gets it back as a small
+    non-zero: of 50 % pruned entries only about 9 % dequantize to 0.0 (torch 2.x)."""
+    config = {"sparsity_level": 0.5, "sparse_block_shape": (1, 4)}
+    ours, ref = Model(seed=1), Model(seed=1)
+    post_training_sparse_quantize(ours, DataNormSparsifier, sparsify_first=True, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_post_training_sparse_quantize(ref, RefNorm, sparsify_first=True, **config)
+    ours_zeros = _zero_fraction(ours.embbag1)
+    ref_zeros = _zero_fraction(ref.embbag1)
+    assert ours_zeros >= 0.5
+    assert ref_zeros < 0.25, "the reference's loss of zeros documented here is gone"
+
+
+@pytest.mark.parametrize("sparsify_first", [True, False])
+def test_pruned_entries_are_exact_zeros_in_weights_and_outputs(sparsify_first):
+    model = Model(seed=2)
+    float_weight = model.embbag1.weight.detach().clone()
+    post_training_sparse_quantize(
+        model,
+        DataNormSparsifier,
+        sparsify_first,
+        select_embeddings=[model.embbag1],
+        sparsity_level=0.5,
+        sparse_block_shape=(1, 4),
+    )
+    qweight = model.embbag1.weight()
+    source = float_weight if sparsify_first else quantize_zero_exact(float_weight).dequantize()
+    reference = RefNorm(sparsity_level=0.5, sparse_block_shape=(1, 4))
+    reference.add_data("w", source.clone())
+    reference.step()
+    pruned = reference.get_mask("w") == 0
+    assert pruned.float().mean() == 0.5
+    assert (qweight.dequantize()[pruned] == 0).all()
+    rows = torch.arange(200)
+    out = model.embbag1(rows, torch.arange(200))  # one row per bag: the packed kernel's values
+    assert (out[pruned] == 0).all()
+
+
+@pytest.mark.parametrize("sparsify_first", [True, False])
+def test_outputs_stay_close_to_the_float_model(sparsify_first):
+    model = Model(seed=3)
+    floats = {"emb1": model.emb1, "embbag1": model.embbag1}
+    expected_dense = {k: m.weight.detach().clone() for k, m in floats.items()}
+    post_training_sparse_quantize(model, DataNormSparsifier, sparsify_first, **CONFIG)
+    idx = torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(0))
+    offsets = torch.arange(0, 64, 4)
+    for key, qmodule in (("emb1", model.emb1), ("embbag1", model.embbag1)):
+        qweight = qmodule.weight()
+        step = qweight.q_per_channel_scales().max().item()
+        kept = qweight.dequantize() != 0
+        if sparsify_first:  # the original float module holds the pruned float weights
+            float_module = floats[key]
+        else:
+            float_module = copy.deepcopy(floats[key])
+            with torch.no_grad():
+                float_module.weight.mul_(kept)
+        bag = 4 if key == "embbag1" else 1
+        args = (idx, offsets) if key == "embbag1" else (idx,)
+        torch.testing.assert_close(
+            qmodule(*args), float_module(*args), atol=bag * step / 2 + 1e-6, rtol=0
+        )
+        # the kept entries are the large ones: pruning removed the smallest 80 %
+        dense = expected_dense[key]
+        assert dense[kept].abs().mean() > 2 * dense[~kept].abs().mean()
+
+
+def test_nm_sparsifier_gives_two_four_quantized_weights():
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 2))
+    post_training_sparse_quantize(model, NMSparsifier, n=2, m=4)
+    nonzero = model[0].weight().dequantize() != 0
+    assert (nonzero.reshape(-1, 4).sum(dim=1) <= 2).all()
+
+
+def test_zero_exact_quantization_bounds():
+    weight = torch.randn(20, 7)
+    weight[3] = 0.0  # an all-zero row
+    weight[4] = weight[4].abs() + 1  # all positive: the range still includes 0
+    weight[weight.abs() < 0.3] = 0.0
+    qweight = quantize_zero_exact(weight)
+    scales = qweight.q_per_channel_scales().float()
+    error = (qweight.dequantize() - weight).abs()
+    assert (error <= scales[:, None] / 2 + 1e-6).all()
+    assert (qweight.dequantize()[weight == 0] == 0).all()
+    assert torch.equal(
+        qweight.q_per_channel_zero_points().round(), qweight.q_per_channel_zero_points()
+    )
+
+
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_mean_bags_average_where_the_reference_sums(include_last_offset):
+    bags = nn.Sequential(
+        nn.EmbeddingBag(10, 4, mode="mean", include_last_offset=include_last_offset)
+    )
+    ref = copy.deepcopy(bags)
+    expected = copy.deepcopy(bags)
+    post_training_sparse_quantize(bags, DataNormSparsifier, sparsity_level=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_post_training_sparse_quantize(ref, RefNorm, sparsity_level=0.0)
+    indices = torch.tensor([1, 2, 3, 4, 5, 6])
+    offsets = torch.tensor([0, 2, 2, 6]) if include_last_offset else torch.tensor([0, 2, 2])
+    want = expected[0](indices, offsets)  # bags of 2, 0 and 4 rows
+    step = bags[0].weight().q_per_channel_scales().max().item()
+    torch.testing.assert_close(bags[0](indices, offsets), want, atol=step, rtol=0)
+    assert not torch.allclose(ref[0](indices, offsets), want, atol=step)  # the reference sums
+    two_d = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    torch.testing.assert_close(bags[0](two_d), expected[0](two_d), atol=step, rtol=0)
+
+
+def test_max_bags_are_refused_before_anything_changes():
+    model = nn.Sequential(nn.Embedding(5, 4), nn.EmbeddingBag(5, 4, mode="max"))
+    with pytest.raises(ValueError, match="'1' has mode='max'"):
+        post_training_sparse_quantize(model, DataNormSparsifier)
+    assert type(model[0]) is nn.Embedding
+
+
+class Colliding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.ModuleDict({"b_c": nn.Embedding(8, 4)})
+        self.a_b = nn.ModuleDict({"c": nn.Embedding(8, 4)})
+        self.shared = nn.Embedding(8, 4)
+        self.again = self.shared
+
+
+def test_colliding_names_and_shared_modules():
+    model = Colliding()
+    post_training_sparse_quantize(model, DataNormSparsifier, sparsity_level=0.5)
+    assert type(model.a["b_c"]) is nnq.Embedding and type(model.a_b["c"]) is nnq.Embedding
+    assert model.shared is model.again and type(model.shared) is nnq.Embedding
+    for module in (model.a["b_c"], model.a_b["c"], model.shared):
+        assert _zero_fraction(module) >= 0.5
+
+
+def test_bad_arguments_leave_the_model_alone():
+    model = Model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match="Linear"):
+        post_training_sparse_quantize(model, DataNormSparsifier, select_embeddings=[model.linear1])
+    with pytest.raises(ValueError, match="not a submodule"):
+        post_training_sparse_quantize(
+            model, DataNormSparsifier, select_embeddings=[nn.Embedding(3, 3)]
+        )
+    with pytest.raises(TypeError, match="list of embedding modules"):
+        post_training_sparse_quantize(model, DataNormSparsifier, select_embeddings=model.emb1)
+    with pytest.raises(TypeError, match="BaseDataSparsifier subclass"):
+        post_training_sparse_quantize(model, RefNorm)
+    with pytest.raises(ValueError, match="sparsity_level"):
+        post_training_sparse_quantize(model, DataNormSparsifier, sparsity_level="half")
+    with pytest.raises(ValueError, match="multiple of m=4"):  # embedding_dim 3
+        post_training_sparse_quantize(model, NMSparsifier)
+    assert type(model.emb1) is nn.Embedding
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
