@@ -1,0 +1,138 @@
+"""Find the entries of a batch to sparsify and rebuild the batch around their masked values.
+
+A batch is a tensor, a numpy array, or any nesting of dicts (any ``Mapping``, e.g. a Hugging
+Face ``BatchEncoding``), tuples (named or not) and lists. An entry is addressed by its path:
+the keys / indices from the top of the batch down to it. Everything not replaced is returned
+as the very same object.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+Path = tuple[Any, ...]
+
+
+class BatchKeyError(KeyError):
+    """A ``keys`` entry that the batch does not have."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0])
+
+
+def is_float_array(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point()
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f"
+
+
+_SCALARS = frozenset({str, bytes, int, float, bool, complex, type(None)})
+
+
+def _children(node: Any) -> Iterator[tuple[Any, Any]]:
+    if isinstance(node, Mapping):
+        return iter(node.items())
+    if isinstance(node, (tuple, list)):
+        return enumerate(node)
+    return iter(())
+
+
+def _collect(node: Any, path: Path, found: list[tuple[Path, Any]]) -> None:
+    if isinstance(node, (torch.Tensor, np.ndarray)):
+        if is_float_array(node):
+            found.append((path, node))
+        return
+    for key, child in _children(node):
+        if type(child) not in _SCALARS:  # lists of ids / strings are skipped cheaply
+            _collect(child, path + (key,), found)
+
+
+def select(batch: Any, keys: tuple[Any, ...] | None) -> list[tuple[Path, Any]]:
+    """``(path, entry)`` of the entries to sparsify: the top-level ``keys`` of the batch, or
+    every floating tensor / array anywhere in it when ``keys`` is None."""
+    if keys is None:
+        found: list[tuple[Path, Any]] = []
+        _collect(batch, (), found)
+        return found
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        raise TypeError(
+            f"keys={list(keys)} selects entries of a dict, tuple or list batch; the batch is a "
+            f"{type(batch).__name__} (use keys=None to sparsify it whole)"
+        )
+    if not isinstance(batch, (Mapping, tuple, list)):
+        raise TypeError(
+            f"cannot select keys={list(keys)} from a batch of type {type(batch).__name__}; "
+            "accepted: dict (any Mapping), tuple, list"
+        )
+    selected = []
+    for key in keys:
+        try:
+            entry = batch[key]
+        except (KeyError, IndexError, TypeError):
+            available = list(batch) if isinstance(batch, Mapping) else list(range(len(batch)))
+            raise BatchKeyError(
+                f"batch has no entry {key!r}; its entries are {available}"
+            ) from None
+        if not isinstance(entry, (torch.Tensor, np.ndarray)):
+            raise TypeError(
+                f"batch entry {key!r} is a {type(entry).__name__}; only torch.Tensor and "
+                "numpy.ndarray entries can be sparsified"
+            )
+        selected.append(((key,), entry))
+    return selected
+
+
+def replace(batch: Any, new: dict[Path, Any]) -> Any:
+    """``batch`` with the entry at each path of ``new`` replaced; untouched branches are the
+    original objects."""
+    prefixes = {path[:i] for path in new for i in range(len(path))}
+    return _rebuild(batch, (), new, prefixes)
+
+
+def _rebuild(node: Any, path: Path, new: dict[Path, Any], prefixes: set[Path]) -> Any:
+    if path in new:
+        return new[path]
+    if path not in prefixes:
+        return node
+    items = {k: _rebuild(v, path + (k,), new, prefixes) for k, v in _children(node)}
+    if isinstance(node, Mapping):
+        return _rebuild_mapping(node, items)
+    values = list(items.values())
+    if isinstance(node, tuple) and hasattr(node, "_fields"):  # namedtuple
+        return type(node)(*values)
+    if type(node) in (tuple, list):
+        return type(node)(values)
+    return _rebuild_sequence(node, values)
+
+
+def _rebuild_mapping(node: Mapping, items: dict[Any, Any]) -> Mapping:
+    if type(node) is dict:
+        return items
+    if isinstance(node, MutableMapping):  # OrderedDict, BatchEncoding (UserDict) ...
+        out = copy.copy(node)  # keeps the mapping's own attributes
+        for key, value in items.items():
+            if value is not node[key]:
+                out[key] = value
+        return out
+    try:
+        return type(node)(items)
+    except Exception as err:
+        raise TypeError(
+            f"cannot rebuild a batch of type {type(node).__name__} (immutable mapping that does "
+            "not take a dict in its constructor); pass a dict"
+        ) from err
+
+
+def _rebuild_sequence(node: Sequence, values: list[Any]) -> Sequence:
+    try:
+        return type(node)(values)
+    except Exception as err:
+        raise TypeError(
+            f"cannot rebuild a batch of type {type(node).__name__} from a list of its entries; "
+            "pass a tuple or list"
+        ) from err

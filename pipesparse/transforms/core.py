@@ -1,0 +1,324 @@
+"""SparsifyTransform: one sparsifier applied to every batch of a data pipeline.
+
+Every adapter (collate hook, Hugging Face map, torchdata node, offline shards) wraps one of
+these. The transform talks to its sparsifier only through the public API (``add_data``,
+``step``, ``get_mask``, ``state_dict``, ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from pipesparse.base import BaseDataSparsifier
+from pipesparse.errors import CorruptStateError
+from pipesparse.transforms import _structure
+
+__all__ = ["SparsifyTransform", "TRANSFORM_STATE_FORMAT"]
+
+TRANSFORM_STATE_FORMAT = "pipesparse.transform/1"
+_UPDATES = ("every_batch", "frozen")
+_MASK_OVER = ("batch", "features")
+
+
+def _check_update(update: Any) -> None:
+    if update in _UPDATES and isinstance(update, str):
+        return
+    if isinstance(update, int) and not isinstance(update, bool) and update >= 1:
+        return
+    raise ValueError(
+        f"update={update!r} is not a policy; accepted: 'every_batch', 'frozen', or an int N >= 1 "
+        "(recompute the mask every N batches)"
+    )
+
+
+def _check_keys(keys: Any) -> tuple[Any, ...] | None:
+    if keys is None:
+        return None
+    if isinstance(keys, (str, int)) and not isinstance(keys, bool):
+        return (keys,)
+    if isinstance(keys, Iterable):
+        keys = tuple(keys)
+        if keys and all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in keys):
+            return keys
+    raise ValueError(
+        f"keys={keys!r} is not accepted; pass None (every floating tensor), a dict key, a tuple/"
+        "list index, or a non-empty list of them"
+    )
+
+
+def _resolve_device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(
+            f"SparsifyTransform(device={device!r}): CUDA is not available, batches stay on the "
+            "CPU and masks are computed there",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return resolved
+
+
+def _in_dataloader_worker() -> bool:
+    return get_worker_info() is not None
+
+
+class SparsifyTransform:
+    """Register each batch with a sparsifier under a fixed name and return it masked.
+
+    Args:
+        sparsifier: the rule (any :class:`~pipesparse.BaseDataSparsifier`); give the transform
+            its own sparsifier, since every ``step()`` updates all its names.
+        name: the name batches are registered under; with several selected entries each gets
+            its own mask ``f"{name}_{key}"`` (``key`` is the index for tuples/lists).
+        keys: which entries of a dict/tuple/list batch to sparsify; None: every floating tensor
+            or numpy array anywhere in the batch. Other entries pass through as the same objects.
+        device: move the selected entries there before masking (masks are computed on the
+            batch's device). ``"cuda"`` without CUDA warns once and stays on the CPU.
+        update: ``"every_batch"`` (a fresh mask from each batch), ``"frozen"`` (fitted on the
+            first batch, a calibration batch, or loaded with :meth:`load_state_dict`, then kept),
+            or an int ``N`` (refitted on batches 0, N, 2N, ...; the counter is in the state).
+        mask_over: ``"batch"``: the rule runs on the batch, the mask has the batch's shape.
+            ``"features"``: the rule runs on mean ``|x|`` over dim 0, the mask has shape
+            ``(1, *features)`` and broadcasts over any batch size. None: ``"batch"`` for
+            ``every_batch``, ``"features"`` otherwise.
+        numpy_to_torch: return masked numpy entries as tensors (default: numpy, same dtype).
+
+    Persistent masks (``frozen``, ``N``) live in shared memory and ``load_state_dict`` / refits
+    write into them in place, so DataLoader workers that are already running use a new mask from
+    their next batch. Inside a DataLoader worker a persistent mask is never refitted (each worker
+    would get its own mask); it must be fitted or loaded in the main process first.
+    """
+
+    def __init__(
+        self,
+        sparsifier: BaseDataSparsifier,
+        name: str = "batch",
+        keys: Any = None,
+        device: Any = None,
+        update: str | int = "every_batch",
+        mask_over: str | None = None,
+        numpy_to_torch: bool = False,
+    ):
+        if not isinstance(sparsifier, BaseDataSparsifier):
+            raise TypeError(
+                f"sparsifier must be a pipesparse BaseDataSparsifier, got {type(sparsifier).__name__}"
+            )
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"name={name!r} is not accepted: a non-empty string without '.'")
+        _check_update(update)
+        if mask_over is not None and mask_over not in _MASK_OVER:
+            raise ValueError(
+                f"mask_over={mask_over!r} is not accepted; accepted: 'batch', 'features'"
+            )
+        if not isinstance(numpy_to_torch, bool):
+            raise ValueError(f"numpy_to_torch must be True or False, got {numpy_to_torch!r}")
+        self.sparsifier = sparsifier
+        self.name = name
+        self.keys = _check_keys(keys)
+        self.device = device
+        self.update = update
+        self.mask_over = mask_over or ("batch" if update == "every_batch" else "features")
+        self.numpy_to_torch = numpy_to_torch
+        self._device = _resolve_device(device)
+        self._batches_seen = 0
+        self._mask_pid: int | None = None  # process that owns the every_batch masks
+
+    # -- the per-batch path -----------------------------------------------------------------
+    def __call__(self, batch: Any) -> Any:
+        """The batch with the selected entries masked, same structure, others untouched."""
+        entries = _structure.select(batch, self.keys)
+        if not entries:
+            return batch
+        names = self._mask_names([path for path, _ in entries])
+        tensors = [self._to_tensor(entry) for _, entry in entries]
+        if self._must_fit(names):
+            self._fit(names, tensors)
+        masked = {
+            path: self._from_tensor(self._apply(n, t), entry)
+            for n, t, (path, entry) in zip(names, tensors, entries, strict=True)
+        }
+        self._batches_seen += 1
+        return _structure.replace(batch, masked)
+
+    def fit(self, batch: Any) -> None:
+        """Compute the masks from ``batch`` now, whatever the policy (e.g. re-calibrate a frozen
+        transform); running DataLoader workers see the new masks from their next batch."""
+        entries = _structure.select(batch, self.keys)
+        if not entries:
+            raise ValueError(
+                f"fit needs a batch with a floating tensor or array to sparsify; got a "
+                f"{type(batch).__name__} without one (keys={self.keys!r})"
+            )
+        names = self._mask_names([path for path, _ in entries])
+        self._fit(names, [self._to_tensor(entry) for _, entry in entries])
+
+    @property
+    def persistent(self) -> bool:
+        """True when the masks outlive a batch (``frozen`` or every ``N``)."""
+        return self.update != "every_batch"
+
+    def is_fitted(self, names: Iterable[str] | None = None) -> bool:
+        """Whether a mask exists for each of ``names`` (default: ``[self.name]``)."""
+        groups = self.sparsifier.data_groups
+        return all(n in groups for n in (names or [self.name]))
+
+    def _mask_names(self, paths: list[tuple[Any, ...]]) -> list[str]:
+        if len(paths) == 1:
+            return [self.name]
+        return [f"{self.name}_{'_'.join(str(p) for p in path)}" for path in paths]
+
+    def _must_fit(self, names: list[str]) -> bool:
+        if not self.persistent:
+            return True
+        fitted = self.is_fitted(names)
+        if _in_dataloader_worker():
+            if not fitted:
+                missing = [n for n in names if n not in self.sparsifier.data_groups]
+                raise ValueError(
+                    f"SparsifyTransform(update={self.update!r}) has no mask for {missing} in this "
+                    "DataLoader worker; workers only apply the masks of the main process (so every "
+                    "worker uses the same ones): calibrate first with transform(calibration_batch) "
+                    "or transform.load_state_dict(state) before iterating the DataLoader"
+                )
+            return False
+        if not fitted:
+            return True
+        return self.update != "frozen" and self._batches_seen % self.update == 0
+
+    def _fit(self, names: list[str], tensors: list[torch.Tensor]) -> None:
+        sparsifier = self.sparsifier
+        private = self.persistent or self._mask_pid == os.getpid()
+        for name, tensor in zip(names, tensors, strict=True):
+            data = self._summary(name, tensor) if self.mask_over == "features" else tensor
+            reuse = (
+                private
+                and name in sparsifier.data_groups
+                and sparsifier.get_mask(name).shape == data.shape
+            )
+            sparsifier.add_data(name, data, reuse_mask=reuse)
+        sparsifier.step()
+        if self.persistent:
+            self.share_memory()
+        else:  # every_batch masks are private to a process: workers must not write into
+            self._mask_pid = os.getpid()  # the (shared) storage of the parent's masks
+
+    def _summary(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 0:
+            raise ValueError(
+                f"mask_over='features' needs a batch dim; the entry for {name!r} is a scalar"
+            )
+        magnitude = tensor.abs()
+        if not magnitude.is_floating_point():
+            magnitude = magnitude.float()
+        return magnitude.mean(dim=0, keepdim=True)
+
+    def _apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        mask = self.sparsifier.get_mask(name)
+        if self.mask_over == "features":
+            if tuple(mask.shape) != (1, *tensor.shape[1:]):
+                raise ValueError(
+                    f"mask {name!r} covers features of shape {tuple(mask.shape[1:])}; the batch "
+                    f"entry has shape {tuple(tensor.shape)} (features {tuple(tensor.shape[1:])})"
+                )
+        elif mask.shape != tensor.shape:
+            raise ValueError(
+                f"mask {name!r} (update={self.update!r}, mask_over='batch') has shape "
+                f"{tuple(mask.shape)}; the batch entry has shape {tuple(tensor.shape)}. Use "
+                "mask_over='features' for a mask that broadcasts over any batch size"
+            )
+        if mask.device != tensor.device:
+            mask = mask.to(tensor.device)
+        out = tensor * mask
+        return out if out.dtype == tensor.dtype else out.to(tensor.dtype)
+
+    def _to_tensor(self, entry: Any) -> torch.Tensor:
+        if isinstance(entry, np.ndarray):
+            entry = torch.from_numpy(entry if entry.flags.writeable else entry.copy())
+        if self._device is not None and entry.device != self._device:
+            entry = entry.to(self._device)
+        return entry
+
+    def _from_tensor(self, out: torch.Tensor, entry: Any) -> Any:
+        if isinstance(entry, np.ndarray) and not self.numpy_to_torch:
+            return out.cpu().numpy()
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_mask_pid"] = None  # a copy (another process, a deepcopy) starts its own masks
+        return state
+
+    # -- sharing and state ------------------------------------------------------------------
+    def share_memory(self) -> SparsifyTransform:
+        """Move the CPU masks into shared memory (done after every fit and load of a persistent
+        transform); call it yourself if you fitted the sparsifier directly."""
+        for name in self.sparsifier.data_groups:
+            mask = self.sparsifier.get_mask(name)
+            if mask.device.type == "cpu":
+                mask.share_memory_()
+        return self
+
+    def _config(self) -> dict[str, Any]:
+        return {"name": self.name, "update": self.update, "mask_over": self.mask_over}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and configs (no data) and the batch counter, under named keys."""
+        return {
+            "format": TRANSFORM_STATE_FORMAT,
+            "config": self._config(),
+            "batches_seen": self._batches_seen,
+            "sparsifier": self.sparsifier.state_dict(include_data=False),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore masks and counter; masks of the same shape are overwritten in place (running
+        workers see them). Raises CorruptStateError, leaving the state as it was, on junk."""
+        if not isinstance(state_dict, Mapping):
+            raise CorruptStateError(
+                f"transform state must be a dict, got {type(state_dict).__name__}"
+            )
+        fmt = state_dict.get("format")
+        if fmt != TRANSFORM_STATE_FORMAT:
+            raise CorruptStateError(
+                f"transform state has format {fmt!r}; this version reads {TRANSFORM_STATE_FORMAT!r}"
+            )
+        config = state_dict.get("config")
+        if not isinstance(config, Mapping):
+            raise CorruptStateError("transform state is missing its 'config' dict")
+        for key in ("name", "mask_over"):
+            if config.get(key) != getattr(self, key):
+                raise CorruptStateError(
+                    f"transform state was saved with {key}={config.get(key)!r}; this transform "
+                    f"has {key}={getattr(self, key)!r}"
+                )
+        seen = state_dict.get("batches_seen")
+        if isinstance(seen, bool) or not isinstance(seen, int) or seen < 0:
+            raise CorruptStateError(
+                f"transform state 'batches_seen' must be an int >= 0, got {seen!r}"
+            )
+        if not isinstance(state_dict.get("sparsifier"), Mapping):
+            raise CorruptStateError("transform state is missing its 'sparsifier' dict")
+        self.sparsifier.load_state_dict(state_dict["sparsifier"])
+        self._batches_seen = seen
+        if self.persistent:
+            self.share_memory()
+
+    def __repr__(self) -> str:
+        return (
+            f"SparsifyTransform({type(self.sparsifier).__name__}, name={self.name!r}, "
+            f"keys={self.keys!r}, device={self.device!r}, update={self.update!r}, "
+            f"mask_over={self.mask_over!r})"
+        )

@@ -1,0 +1,412 @@
+"""SparsifyTransform: policies, mask_over modes, batch structures, state, memory."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections import OrderedDict, UserDict, namedtuple
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipesparse import CorruptStateError, DataNormSparsifier, ThresholdSparsifier
+from pipesparse.sparsifiers.norm import norm_keep_mask
+from pipesparse.transforms import SparsifyTransform
+
+Pair = namedtuple("Pair", ["x", "y"])
+
+
+class Encoding(UserDict):
+    """Stands in for transformers' BatchEncoding: a UserDict with extra attributes."""
+
+    def __init__(self, data=None, n_sequences=None):
+        super().__init__(data)
+        self.n_sequences = n_sequences
+
+
+def norm(level=0.5, block=(1, 4)):
+    return DataNormSparsifier(sparsity_level=level, sparse_block_shape=block)
+
+
+def expected_batch(x, level=0.5, block=(1, 4)):
+    return x * norm_keep_mask(x, level, block, None, "L1")
+
+
+def expected_features(x, mask_from, level=0.5, block=(1, 4)):
+    summary = mask_from.abs().mean(dim=0, keepdim=True)
+    return x * norm_keep_mask(summary, level, block, None, "L1")
+
+
+# -- every_batch ------------------------------------------------------------------------------
+def test_every_batch_masks_each_batch_with_its_own_mask():
+    transform = SparsifyTransform(norm())
+    for seed in range(3):
+        x = torch.randn(6, 8, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(transform(x), expected_batch(x))
+    assert transform.mask_over == "batch"
+
+
+def test_every_batch_matches_torch_ao_reference():
+    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as Ref
+
+    transform = SparsifyTransform(norm(0.5, (2, 2)))
+    for seed in range(3):
+        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(seed))
+        ref = Ref(sparsity_level=0.5, sparse_block_shape=(2, 2))
+        ref.add_data("batch", x.clone())
+        ref.step()
+        assert torch.equal(transform(x), x * ref.get_mask("batch"))
+
+
+def test_every_batch_reregistering_is_a_dict_update_and_a_smaller_batch_works():
+    sparsifier = norm()
+    transform = SparsifyTransform(sparsifier)
+    transform(torch.randn(8, 8))
+    mask = sparsifier.get_mask("batch")
+    transform(torch.randn(8, 8))
+    assert sparsifier.get_mask("batch") is mask  # same mask object: the add_data fast path
+    last = torch.randn(3, 8)
+    assert torch.equal(transform(last), expected_batch(last))
+
+
+def test_every_batch_features_mode_uses_per_feature_summary():
+    transform = SparsifyTransform(norm(), mask_over="features")
+    x = torch.randn(5, 8)
+    out = transform(x)
+    assert torch.equal(out, expected_features(x, x))
+    assert transform.sparsifier.get_mask("batch").shape == (1, 8)
+    assert (out == 0).all(dim=0).sum() == 4  # whole feature columns are dropped
+
+
+# -- frozen -------------------------------------------------------------------------------
+def test_frozen_fits_on_the_calibration_batch_and_keeps_the_mask():
+    transform = SparsifyTransform(norm(), update="frozen")
+    calibration = torch.randn(16, 8)
+    transform(calibration)
+    for n in (16, 3, 1):  # any batch size, the last batch smaller
+        x = torch.randn(n, 8)
+        assert torch.equal(transform(x), expected_features(x, calibration))
+
+
+def test_frozen_batch_mask_meeting_another_shape_is_a_clear_value_error():
+    transform = SparsifyTransform(norm(), update="frozen", mask_over="batch")
+    calibration = torch.randn(4, 8)
+    transform(calibration)
+    x = torch.randn(4, 8)
+    assert torch.equal(transform(x), x * norm_keep_mask(calibration, 0.5, (1, 4), None, "L1"))
+    with pytest.raises(ValueError, match=r"\(4, 8\).*\(3, 8\).*mask_over='features'"):
+        transform(torch.randn(3, 8))
+
+
+def test_features_mask_meeting_other_features_is_a_value_error():
+    transform = SparsifyTransform(norm(), update="frozen")
+    transform(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"features of shape \(8,\).*\(4, 12\)"):
+        transform(torch.randn(4, 12))
+    assert transform.state_dict()["batches_seen"] == 1  # the bad batch was not counted
+
+
+def test_scalar_entry_with_features_mode_is_a_value_error():
+    with pytest.raises(ValueError, match="batch dim"):
+        SparsifyTransform(norm(), update="frozen")(torch.tensor(1.0))
+
+
+def test_fit_recalibrates_a_frozen_transform_in_place():
+    transform = SparsifyTransform(norm(), update="frozen")
+    transform(torch.randn(4, 8))
+    mask = transform.sparsifier.get_mask("batch")
+    pointer = mask.data_ptr()
+    new = torch.cat([torch.zeros(4, 4), torch.ones(4, 4)], dim=1)
+    transform.fit(new)
+    assert mask.data_ptr() == pointer  # same storage: shared memory stays shared
+    assert torch.equal(mask, torch.tensor([[0.0] * 4 + [1.0] * 4]))
+    with pytest.raises(ValueError, match="floating"):
+        transform.fit({"ids": torch.arange(3)})
+
+
+def test_changing_the_level_and_stepping_the_sparsifier_refits_in_place():
+    """What a scheduler does: change the config, step() on the attached calibration summary."""
+    transform = SparsifyTransform(norm(0.25, (1, 1)), update="frozen")
+    calibration = torch.arange(1.0, 9.0).repeat(2, 1)
+    transform(calibration)
+    mask = transform.sparsifier.get_mask("batch")
+    assert int(mask.sum()) == 6
+    transform.sparsifier.data_groups["batch"]["sparsity_level"] = 0.75
+    transform.sparsifier.step()
+    assert transform.sparsifier.get_mask("batch") is mask and int(mask.sum()) == 2
+    assert torch.equal(transform(calibration)[0], torch.tensor([0.0] * 6 + [7.0, 8.0]))
+
+
+# -- every N ------------------------------------------------------------------------------
+def test_every_n_refits_on_batches_0_n_2n():
+    transform = SparsifyTransform(norm(), update=3)
+    batches = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+    for i, x in enumerate(batches):
+        fitted_on = batches[i - i % 3]
+        assert torch.equal(transform(x), expected_features(x, fitted_on)), i
+    assert transform.state_dict()["batches_seen"] == 7
+
+
+def test_every_n_resumes_its_schedule_from_the_state_dict():
+    batches = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    straight = SparsifyTransform(norm(), update=3)
+    expected = [straight(x) for x in batches]
+    first = SparsifyTransform(norm(), update=3)
+    for x in batches[:4]:
+        first(x)
+    resumed = SparsifyTransform(norm(), update=3)
+    resumed.load_state_dict(first.state_dict())
+    for x, want in zip(batches[4:], expected[4:], strict=True):
+        assert torch.equal(resumed(x), want)
+
+
+# -- batch structures -----------------------------------------------------------------------
+def test_dict_batch_masks_float_entries_and_passes_the_rest_through():
+    transform = SparsifyTransform(norm())
+    batch = {
+        "x": torch.randn(4, 8),
+        "label": torch.arange(4),
+        "id": ["a", "b", "c", "d"],
+        "weight": 3,
+    }
+    out = transform(batch)
+    assert type(out) is dict and list(out) == list(batch)
+    assert torch.equal(out["x"], expected_batch(batch["x"]))
+    for key in ("label", "id", "weight"):
+        assert out[key] is batch[key]
+    assert list(transform.sparsifier.data_groups) == ["batch"]
+
+
+def test_several_entries_get_one_mask_each_named_by_key_or_index():
+    transform = SparsifyTransform(norm())
+    a, b = torch.randn(4, 8), torch.randn(2, 4)
+    out = transform({"a": a, "b": b})
+    assert sorted(transform.sparsifier.data_groups) == ["batch_a", "batch_b"]
+    assert torch.equal(out["a"], expected_batch(a)) and torch.equal(out["b"], expected_batch(b))
+    tuple_transform = SparsifyTransform(norm(), name="t")
+    out = tuple_transform((a, torch.arange(2), b))
+    assert isinstance(out, tuple) and torch.equal(out[2], expected_batch(b))
+    assert sorted(tuple_transform.sparsifier.data_groups) == ["t_0", "t_2"]
+
+
+def test_keys_select_entries():
+    transform = SparsifyTransform(norm(), keys=["x"])
+    batch = {"x": torch.randn(4, 8), "y": torch.randn(4, 8)}
+    out = transform(batch)
+    assert torch.equal(out["x"], expected_batch(batch["x"])) and out["y"] is batch["y"]
+    assert list(transform.sparsifier.data_groups) == ["batch"]
+    by_index = SparsifyTransform(norm(), keys=1)
+    pair = [torch.randn(4, 8), torch.randn(4, 8)]
+    out = by_index(pair)
+    assert isinstance(out, list) and out[0] is pair[0]
+    assert torch.equal(out[1], expected_batch(pair[1]))
+
+
+def test_keys_errors_name_the_key():
+    with pytest.raises(KeyError, match=r"no entry 'z'.*\['x'\]"):
+        SparsifyTransform(norm(), keys="z")({"x": torch.randn(2, 4)})
+    with pytest.raises(TypeError, match="label.*list"):
+        SparsifyTransform(norm(), keys="label")({"label": [1, 2]})
+    with pytest.raises(TypeError, match="Tensor"):
+        SparsifyTransform(norm(), keys="x")(torch.randn(2, 4))
+
+
+def test_namedtuple_nested_ordered_and_userdict_batches_keep_their_types():
+    transform = SparsifyTransform(norm())
+    x = torch.randn(4, 8)
+    out = transform(Pair(x, torch.arange(4)))
+    assert type(out) is Pair and torch.equal(out.x, expected_batch(x))
+    nested = {"inputs": [{"x": x, "mask": torch.ones(4, dtype=torch.bool)}], "meta": ("a",)}
+    out = transform(nested)
+    assert torch.equal(out["inputs"][0]["x"], expected_batch(x))
+    assert out["meta"] is nested["meta"]
+    assert out["inputs"][0]["mask"] is nested["inputs"][0]["mask"]
+    ordered = transform(OrderedDict(x=x, y=torch.arange(4)))
+    assert type(ordered) is OrderedDict and list(ordered) == ["x", "y"]
+    encoding = Encoding({"input_ids": torch.arange(8).view(2, 4), "x": x}, n_sequences=1)
+    out = transform(encoding)
+    assert type(out) is Encoding and out.n_sequences == 1
+    assert out["input_ids"] is encoding["input_ids"] and torch.equal(out["x"], expected_batch(x))
+    assert torch.equal(encoding["x"], x)  # the input batch is not modified
+
+
+def test_batch_without_float_entries_is_returned_as_is():
+    transform = SparsifyTransform(norm())
+    batch = {"ids": torch.arange(3), "text": ["a"]}
+    assert transform(batch) is batch
+
+
+def test_numpy_entries_stay_numpy_unless_asked():
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    out = SparsifyTransform(norm())({"x": x, "y": np.arange(4)})
+    assert isinstance(out["x"], np.ndarray) and out["x"].dtype == np.float32
+    np.testing.assert_array_equal(out["x"], expected_batch(torch.from_numpy(x)).numpy())
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    as_torch = SparsifyTransform(norm(), numpy_to_torch=True)(read_only)
+    assert isinstance(as_torch, torch.Tensor) and torch.equal(as_torch, torch.from_numpy(out["x"]))
+
+
+def test_explicitly_selected_integer_and_half_entries_keep_their_dtype():
+    ints = torch.arange(32).view(4, 8) - 16
+    out = SparsifyTransform(norm(), keys="x")({"x": ints})
+    assert out["x"].dtype == torch.int64
+    assert torch.equal(out["x"], ints * norm_keep_mask(ints, 0.5, (1, 4), None, "L1"))
+    half = torch.randn(4, 8).half()
+    out = SparsifyTransform(norm(), update="frozen")(half)
+    assert out.dtype == torch.float16
+
+
+# -- device -------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the fallback without CUDA")
+def test_cuda_without_cuda_warns_once_and_stays_on_cpu():
+    with pytest.warns(RuntimeWarning, match="CUDA is not available"):
+        transform = SparsifyTransform(norm(), device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            x = torch.randn(4, 8)
+            out = transform(x)
+            assert out.device.type == "cpu" and torch.equal(out, expected_batch(x))
+
+
+def test_device_cpu_and_bad_device():
+    out = SparsifyTransform(norm(), device="cpu")(torch.randn(4, 8))
+    assert out.device.type == "cpu"
+    with pytest.raises(ValueError, match="not a torch device"):
+        SparsifyTransform(norm(), device="gpu9")
+
+
+# -- constructor validation ---------------------------------------------------------------
+@pytest.mark.parametrize("update", [0, -2, 1.5, True, "sometimes", None])
+def test_bad_update_policy_names_value_and_accepted(update):
+    with pytest.raises(ValueError, match=r"update=.*'every_batch', 'frozen', or an int N"):
+        SparsifyTransform(norm(), update=update)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mask_over": "rows"}, "mask_over='rows'.*'batch', 'features'"),
+        ({"name": "a.b"}, "name='a.b'"),
+        ({"name": ""}, "name=''"),
+        ({"keys": []}, r"keys=\(\)"),
+        ({"keys": [1.5]}, r"keys=\(1.5,\)"),
+        ({"numpy_to_torch": "yes"}, "numpy_to_torch"),
+    ],
+)
+def test_bad_arguments_are_value_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparsifyTransform(norm(), **kwargs)
+
+
+def test_sparsifier_must_be_a_data_sparsifier():
+    with pytest.raises(TypeError, match="BaseDataSparsifier, got dict"):
+        SparsifyTransform({})
+
+
+def test_default_mask_over_follows_the_policy():
+    assert SparsifyTransform(norm()).mask_over == "batch"
+    assert SparsifyTransform(norm(), update="frozen").mask_over == "features"
+    assert SparsifyTransform(norm(), update=5).mask_over == "features"
+    assert SparsifyTransform(norm(), update=5, mask_over="batch").mask_over == "batch"
+
+
+# -- state --------------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 10),
+    level=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    update=st.sampled_from(["frozen", 2]),
+)
+def test_state_dict_round_trip_gives_the_same_outputs(rows, cols, level, seed, update):
+    gen = torch.Generator().manual_seed(seed)
+    calibration, x = torch.randn(rows, cols, generator=gen), torch.randn(3, cols, generator=gen)
+    source = SparsifyTransform(ThresholdSparsifier(threshold=level), update=update)
+    source(calibration)
+    copy = SparsifyTransform(ThresholdSparsifier(threshold=0.0), update=update)
+    copy.load_state_dict(source.state_dict())
+    assert torch.equal(copy(x), source(x))
+    assert copy.state_dict()["batches_seen"] == source.state_dict()["batches_seen"]
+
+
+def test_state_dict_has_named_keys_and_no_data():
+    transform = SparsifyTransform(norm(), update=4)
+    transform(torch.randn(4, 8))
+    state = transform.state_dict()
+    assert set(state) == {"format", "config", "batches_seen", "sparsifier"}
+    assert state["config"] == {"name": "batch", "update": 4, "mask_over": "features"}
+    assert "data" not in state["sparsifier"]
+    assert state["sparsifier"]["state"]["batch"]["mask"].dtype == torch.bool
+
+
+def good_state():
+    transform = SparsifyTransform(norm(), update="frozen")
+    transform(torch.randn(4, 8))
+    return transform.state_dict()
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda s: [1, 2], "must be a dict"),
+        (lambda s: {**s, "format": "other/9"}, "format 'other/9'"),
+        (lambda s: {k: v for k, v in s.items() if k != "config"}, "config"),
+        (lambda s: {**s, "config": {**s["config"], "name": "other"}}, "name='other'"),
+        (lambda s: {**s, "config": {**s["config"], "mask_over": "batch"}}, "mask_over='batch'"),
+        (lambda s: {**s, "batches_seen": -1}, "batches_seen"),
+        (lambda s: {**s, "batches_seen": "3"}, "batches_seen"),
+        (lambda s: {**s, "sparsifier": None}, "sparsifier"),
+        (lambda s: {**s, "sparsifier": {**s["sparsifier"], "state": 7}}, "state"),
+    ],
+)
+def test_corrupt_state_is_rejected_and_leaves_the_transform_intact(corrupt, match):
+    transform = SparsifyTransform(norm(), update="frozen")
+    transform(torch.randn(4, 8))
+    x = torch.randn(3, 8)
+    before, seen = transform(x), transform.state_dict()["batches_seen"]
+    with pytest.raises(CorruptStateError, match=match):
+        transform.load_state_dict(corrupt(good_state()))
+    assert torch.equal(transform(x), before)
+    assert transform.state_dict()["batches_seen"] == seen + 1
+
+
+def test_persistent_masks_are_shared_and_loading_copies_in_place():
+    transform = SparsifyTransform(norm(), update="frozen")
+    transform(torch.randn(4, 8))
+    mask = transform.sparsifier.get_mask("batch")
+    assert mask.is_shared()
+    pointer = mask.data_ptr()
+    transform.load_state_dict(good_state())
+    assert transform.sparsifier.get_mask("batch").data_ptr() == pointer
+    loaded = SparsifyTransform(norm(), update="frozen")
+    loaded.load_state_dict(good_state())
+    assert loaded.sparsifier.get_mask("batch").is_shared()
+    assert not SparsifyTransform(norm()).persistent
+
+
+# -- memory -------------------------------------------------------------------------------
+def live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance wakes deprecated lazy torch attributes
+        warnings.simplefilter("ignore")
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+@pytest.mark.parametrize("update", ["every_batch", "frozen", 7])
+def test_memory_is_flat_over_10000_batches(update):
+    """No per-batch object is retained: live tensors and gc-tracked objects stay the same."""
+    transform = SparsifyTransform(norm(), update=update)
+    batch = {"x": torch.randn(4, 8), "y": torch.arange(4)}
+    for _ in range(100):
+        transform(batch)
+    tensors, objects = live_tensors(), len(gc.get_objects())
+    for _ in range(10_000):
+        transform(batch)
+    assert live_tensors() == tensors
+    assert len(gc.get_objects()) - objects < 50  # flat: no growth with the number of batches

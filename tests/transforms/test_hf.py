@@ -1,0 +1,161 @@
+"""hf_map_fn with datasets.Dataset.map: formats, types, num_proc, fingerprint and cache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from datasets import Array2D, Dataset, Features, List, Value, load_from_disk
+from datasets.fingerprint import Hasher
+
+from pipesparse import DataNormSparsifier
+from pipesparse.transforms import SparsifyTransform, hf_map_fn
+
+ROWS, FEATURES, BATCH = 12, 8, 4
+
+
+def values(dtype="float32", seed=0):
+    return np.random.default_rng(seed).standard_normal((ROWS, FEATURES)).astype(dtype)
+
+
+def dataset(feature=None, dtype="float32"):
+    feature = feature or List(Value(dtype), length=FEATURES)
+    features = Features({"x": feature, "label": Value("int64"), "text": Value("string")})
+    x = values(dtype)
+    if isinstance(feature, Array2D):
+        x = x.reshape(ROWS, 2, FEATURES // 2)
+    return Dataset.from_dict(
+        {"x": x.tolist(), "label": list(range(ROWS)), "text": [f"t{i}" for i in range(ROWS)]},
+        features=features,
+    )
+
+
+def transform(update="every_batch", calibrate=True):
+    tf = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), update=update)
+    if update == "frozen" and calibrate:
+        tf(torch.from_numpy(values(seed=1)))
+    return tf
+
+
+def expected(tf, x):
+    """What the transform gives batch by batch, in the main process."""
+    return np.concatenate(
+        [tf(torch.from_numpy(x[i : i + BATCH])).numpy() for i in range(0, ROWS, BATCH)]
+    )
+
+
+def column(ds):
+    return np.array(ds.with_format(None)["x"], dtype=np.float32)
+
+
+@pytest.mark.parametrize("fmt", [None, "numpy", "torch", "arrow"])
+@pytest.mark.parametrize("update", ["every_batch", "frozen"])
+def test_every_format_gives_the_masked_column_and_keeps_the_rest(fmt, update):
+    ds = dataset()
+    source = ds.with_format(fmt) if fmt else ds
+    out = source.map(hf_map_fn(transform(update), "x"), batched=True, batch_size=BATCH)
+    np.testing.assert_array_equal(column(out), expected(transform(update), values()))
+    assert out.features == ds.features
+    assert out.data.schema.field("x").type == ds.data.schema.field("x").type
+    assert out.with_format(None)["label"] == list(range(ROWS))
+    assert out.with_format(None)["text"] == ds["text"]
+
+
+@pytest.mark.parametrize(
+    "feature",
+    [List(Value("float32")), List(Value("float64")), Array2D((2, FEATURES // 2), "float32")],
+    ids=["list-float32", "list-float64", "array2d"],
+)
+@pytest.mark.parametrize("fmt", [None, "arrow"])
+def test_arrow_type_is_kept(feature, fmt):
+    ds = dataset(feature, dtype=getattr(feature, "dtype", None) or feature.feature.dtype)
+    source = ds.with_format(fmt) if fmt else ds
+    out = source.map(hf_map_fn(transform(), "x"), batched=True, batch_size=BATCH)
+    assert out.features == ds.features
+    assert out.data.schema.field("x").type == ds.data.schema.field("x").type
+    got = np.array(out.with_format("numpy")["x"]).reshape(ROWS, FEATURES)
+    assert (got == 0).mean() == 0.5 and np.isin(got[got != 0], column(ds)).all()
+
+
+def test_python_batch_list_of_lists_in_list_of_lists_out():
+    fn = hf_map_fn(transform(), "x")
+    rows = values()[:BATCH].tolist()
+    out = fn({"x": rows, "label": [0, 1, 2, 3]})
+    assert set(out) == {"x"} and isinstance(out["x"], list) and isinstance(out["x"][0], list)
+    np.testing.assert_array_equal(
+        np.array(out["x"], dtype=np.float32), expected(transform(), values())[:BATCH]
+    )
+
+
+@pytest.mark.parametrize("update", ["every_batch", "frozen"])
+def test_num_proc_2_gives_the_same_dataset(update):
+    ds = dataset()
+    single = ds.map(hf_map_fn(transform(update), "x"), batched=True, batch_size=BATCH)
+    double = ds.map(hf_map_fn(transform(update), "x"), batched=True, batch_size=BATCH, num_proc=2)
+    np.testing.assert_array_equal(column(single), column(double))
+    assert double.features == ds.features
+
+
+def test_rerunning_map_hits_the_cache(tmp_path):
+    dataset().save_to_disk(tmp_path / "ds")
+    ds = load_from_disk(tmp_path / "ds")
+    fn = hf_map_fn(transform("frozen"), "x")
+    fingerprint = Hasher.hash(fn)
+    first = ds.map(fn, batched=True, batch_size=BATCH)
+    assert Hasher.hash(fn) == fingerprint  # mapping does not change the function's hash
+    second = ds.map(fn, batched=True, batch_size=BATCH)
+    again = ds.map(hf_map_fn(transform("frozen"), "x"), batched=True, batch_size=BATCH)
+    assert first._fingerprint == second._fingerprint == again._fingerprint
+    assert first.cache_files and first.cache_files == second.cache_files == again.cache_files
+    other = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), update="frozen")
+    other(torch.from_numpy(values(seed=2)))  # other masks: another fingerprint, no stale cache
+    assert ds.map(hf_map_fn(other, "x"), batched=True)._fingerprint != first._fingerprint
+
+
+HASH_SCRIPT = """
+import numpy as np, torch
+from datasets.fingerprint import Hasher
+from pipesparse import DataNormSparsifier
+from pipesparse.transforms import SparsifyTransform, hf_map_fn
+tf = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), update="frozen")
+tf(torch.from_numpy(np.random.default_rng(1).standard_normal((12, 8)).astype("float32")))
+print(Hasher.hash(hf_map_fn(tf, "x")))
+"""
+
+
+def test_fingerprint_is_the_same_in_another_process():
+    other = subprocess.run(
+        [sys.executable, "-c", HASH_SCRIPT], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert other.stdout.strip() == Hasher.hash(hf_map_fn(transform("frozen"), "x"))
+
+
+def test_several_columns_and_integer_columns_named_explicitly():
+    ds = Dataset.from_dict(
+        {"a": values().tolist(), "b": (values(seed=3) * 10).astype(int).tolist()}
+    )
+    out = ds.map(hf_map_fn(transform(), ["a", "b"]), batched=True, batch_size=BATCH)
+    assert out.features == ds.features
+    b = np.array(out["b"])
+    assert b.dtype == np.int64 and (b == 0).mean() >= 0.5
+
+
+def test_errors_name_what_is_wrong():
+    with pytest.raises(ValueError, match="update=3"):
+        hf_map_fn(transform(3), "x")
+    with pytest.raises(ValueError, match="calibrate first"):
+        hf_map_fn(transform("frozen", calibrate=False), "x")
+    with pytest.raises(ValueError, match="columns="):
+        hf_map_fn(transform(), [])
+    with pytest.raises(TypeError, match="SparsifyTransform"):
+        hf_map_fn(lambda batch: batch, "x")
+    fn = hf_map_fn(transform(), "x")
+    with pytest.raises(KeyError, match=r"no column 'x'.*\['y'\]"):
+        fn({"y": [[1.0]]})
+    with pytest.raises(ValueError, match="different shapes"):
+        fn({"x": [[1.0, 2.0], [3.0]]})
+    with pytest.raises(TypeError, match="batched=True"):
+        fn([1.0, 2.0])
