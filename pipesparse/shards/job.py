@@ -1,0 +1,201 @@
+"""A preprocessing job, and the batch function every engine runs.
+
+Mask semantics (the same for every engine, worker count and ``--batch-rows``):
+
+- with a state (``--state``): one frozen ``mask_over="features"`` mask per column, fitted
+  before the run, multiplies every row of every shard;
+- without: every row is its own matrix and gets its own mask, computed from that row alone
+  (a 1-D row of ``D`` values is a ``1 x D`` matrix; a 2-D row is its own matrix). Rows never
+  compete with other rows of their batch, so batch boundaries cannot change a result.
+
+Masked values that are zero are written as ``+0.0`` (``-3.0 * 0`` would be ``-0.0``), so dense
+and COO outputs decode to the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from pipesparse.shards.columns import ColumnSpec, from_tensor, list_levels, to_tensor
+from pipesparse.shards.config import make_sparsifier, sparsifier_class
+from pipesparse.shards.coo import coo_type, encode, output_metadata
+from pipesparse.shards.inputs import Shard, file_sha256
+from pipesparse.shards.schema import parse_columns, resolve_columns
+from pipesparse.shards.state import (
+    FIT_FORMAT,
+    TRANSFORM_NAME,
+    jsonable,
+    load_state_file,
+    transform_state_for,
+)
+from pipesparse.transforms.core import SparsifyTransform
+
+__all__ = ["FORMATS", "BatchProcessor", "Job", "build_job"]
+
+FORMATS = ("dense", "coo")
+
+
+@dataclass
+class Job:
+    """What to do to every shard; picklable, so engines ship it to their workers.
+
+    Args:
+        sparsifier: CLI name of the sparsifier (``norm``, ``threshold``, ``nm``).
+        config: its constructor options (ignored for masks when ``state`` is given).
+        columns: the sparsified columns and their row shapes.
+        out_format: ``"dense"`` (same column types as the input) or ``"coo"``.
+        state: a frozen transform state (see :mod:`pipesparse.shards.state`), or None for
+            per-row masks.
+        state_info: ``{"path", "sha256"}`` of the state file, for the manifest.
+    """
+
+    sparsifier: str
+    config: dict[str, Any]
+    columns: list[ColumnSpec]
+    out_format: str = "dense"
+    state: dict[str, Any] | None = None
+    state_info: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.out_format not in FORMATS:
+            raise ValueError(
+                f"unknown output format {self.out_format!r}; accepted: {', '.join(FORMATS)}"
+            )
+        self.make_transform()  # bad config or state fails here, before anything is written
+
+    @property
+    def masks(self) -> str:
+        return "per_row" if self.state is None else "frozen"
+
+    def identity(self) -> dict[str, Any]:
+        """The manifest's job fields that decide the outputs (inputs are added by the caller)."""
+        return {
+            "sparsifier": self.sparsifier,
+            "sparsifier_class": sparsifier_class(self.sparsifier).__name__,
+            "config": jsonable(self.config),
+            "columns": {c.name: list(c.shape) for c in self.columns},
+            "format": self.out_format,
+            "masks": self.masks,
+            "state": self.state_info,
+        }
+
+    def make_transform(self) -> SparsifyTransform:
+        if self.state is None:
+            return SparsifyTransform(
+                make_sparsifier(self.sparsifier, self.config),
+                name=TRANSFORM_NAME,
+                keys=[c.name for c in self.columns],
+                update="every_batch",
+                mask_over="batch",
+            )
+        transform = SparsifyTransform(
+            make_sparsifier(self.sparsifier, {}),
+            name=TRANSFORM_NAME,
+            keys=[c.name for c in self.columns],
+            update="frozen",
+            mask_over="features",
+        )
+        transform.load_state_dict(self.state)
+        return transform
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The output schema of a shard with input ``schema``: same columns, same order."""
+        sparse = {c.name for c in self.columns}
+        value_types = {name: list_levels(schema.field(name).type)[1] for name in sparse}
+        fields = [
+            pa.field(f.name, coo_type(value_types[f.name]))
+            if self.out_format == "coo" and f.name in sparse
+            else f
+            for f in schema
+        ]
+        metadata = dict(schema.metadata or {})
+        if self.out_format == "coo":
+            metadata.pop(b"huggingface", None)  # its feature types describe the dense columns
+        metadata.update(output_metadata(self.out_format, self.columns, value_types))
+        return pa.schema(fields, metadata=metadata)
+
+
+def _positive_zeros(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.masked_fill(tensor == 0, 0)
+
+
+class BatchProcessor:
+    """Sparsify the columns of Arrow batches: ``processor(batch, file, first_row) -> Table``.
+
+    Args:
+        job: the job; the processor builds its own transform from it.
+    """
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.transform = job.make_transform()
+
+    def __call__(self, batch: pa.RecordBatch | pa.Table, file: str, first_row: int = 0) -> pa.Table:
+        job = self.job
+        rows = batch.num_rows
+        schema = job.output_schema(batch.schema)
+        tensors = {c.name: to_tensor(batch.column(c.name), c, file, first_row) for c in job.columns}
+        if rows:
+            if job.state is None:  # each 1-D row is a 1 x D matrix of its own
+                view = {
+                    n: t.reshape(rows, 1, -1) if t.dim() == 2 else t for n, t in tensors.items()
+                }
+            else:
+                view = tensors
+            with torch.no_grad():
+                masked = self.transform(view)
+            tensors = {n: _positive_zeros(masked[n].reshape(t.shape)) for n, t in tensors.items()}
+        arrays = []
+        for field in batch.schema:
+            if field.name not in tensors:
+                arrays.append(batch.column(field.name))
+            elif job.out_format == "coo":
+                arrays.append(encode(tensors[field.name], list_levels(field.type)[1]))
+            else:
+                arrays.append(from_tensor(tensors[field.name], field.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def build_job(
+    shards: list[Shard],
+    columns: str | list[str],
+    sparsifier: str | None,
+    config: dict[str, Any] | None,
+    state: str | None,
+    out_format: str,
+) -> Job:
+    """The job for these shards; a bad column, config or state raises before anything runs."""
+    specs = resolve_columns(shards, parse_columns(columns))
+    if state is None:
+        if sparsifier is None:
+            raise ValueError(
+                "--sparsifier is required (norm, threshold or nm) unless --state is given"
+            )
+        return Job(sparsifier, dict(config or {}), specs, out_format)
+    if config:
+        raise ValueError(
+            "--config does not apply with --state: the masks were fitted already (their config "
+            "is in the state file); drop --config, or drop --state for per-row masks"
+        )
+    raw = load_state_file(state)
+    fitted_with = raw.get("sparsifier") if raw.get("format") == FIT_FORMAT else None
+    if sparsifier is None:
+        if fitted_with is None:
+            raise ValueError(
+                f"--sparsifier is required with {state}, which is not a `pipesparse fit` file"
+            )
+        sparsifier = fitted_with
+    elif fitted_with is not None and fitted_with != sparsifier:
+        raise ValueError(f"{state} was fitted with --sparsifier {fitted_with}, not {sparsifier}")
+    transform_state = transform_state_for(raw, state, specs)
+    recorded = (
+        raw.get("config")
+        if fitted_with is not None
+        else transform_state["sparsifier"]["data_groups"]
+    )
+    info = {"path": str(state), "sha256": file_sha256(state)}
+    return Job(sparsifier, jsonable(recorded or {}), specs, out_format, transform_state, info)

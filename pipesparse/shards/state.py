@@ -1,0 +1,192 @@
+"""Mask state files: what ``pipesparse fit`` writes, and the states ``--state`` accepts.
+
+Accepted files (all read with ``torch.load(weights_only=True)``):
+
+- a fit file (``format: "pipesparse.fit/1"``): the sparsifier's CLI name, class and config,
+  the columns and their row shapes, the rows it was fitted on, and ``transform``: the
+  ``SparsifyTransform.state_dict()`` of a frozen ``mask_over="features"`` transform;
+- a ``SparsifyTransform.state_dict()`` saved with ``torch.save`` (``mask_over="features"``);
+- a sparsifier's ``state_dict()`` saved with ``torch.save``, its masks named after the columns
+  (or as a transform names them), of shape ``S`` or ``(1, *S)`` for rows of shape ``S``.
+
+Every form becomes the state of the transform preprocessing uses: masks named ``"batch"``
+(one column) or ``"batch_<column>"`` (several), of shape ``(1, *S)``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipesparse.base import STATE_FORMAT
+from pipesparse.errors import CorruptStateError
+from pipesparse.shards.columns import ColumnSpec
+from pipesparse.shards.writer import atomic_write_bytes
+from pipesparse.transforms.core import TRANSFORM_STATE_FORMAT
+
+__all__ = [
+    "FIT_FORMAT",
+    "TRANSFORM_NAME",
+    "describe_state",
+    "load_state_file",
+    "mask_name",
+    "save_state_file",
+    "transform_state_for",
+]
+
+FIT_FORMAT = "pipesparse.fit/1"
+TRANSFORM_NAME = "batch"
+
+
+def mask_name(column: str, columns: list[str], prefix: str = TRANSFORM_NAME) -> str:
+    """The transform's mask name for ``column`` (SparsifyTransform's naming rule)."""
+    return prefix if len(columns) == 1 else f"{prefix}_{column}"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types (tuples become lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def save_state_file(path: str | Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state_file(path: str | Path) -> dict[str, Any]:
+    """The dict in a state file; CorruptStateError (naming the file) when it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"state file {path} does not exist") from None
+    except Exception as err:  # unpickling errors come in many types
+        raise CorruptStateError(
+            f"state file {path} cannot be read as a torch state: {err}"
+        ) from None
+    if not isinstance(state, Mapping):
+        raise CorruptStateError(
+            f"state file {path} holds a {type(state).__name__}, not a state dict"
+        )
+    return dict(state)
+
+
+def _kind(state: Mapping[str, Any], path: str) -> str:
+    fmt = state.get("format")
+    if fmt == FIT_FORMAT:
+        return "fit"
+    if fmt == TRANSFORM_STATE_FORMAT:
+        return "transform"
+    if fmt in (STATE_FORMAT, None) and "state" in state and "data_groups" in state:
+        return "sparsifier"
+    raise CorruptStateError(
+        f"state file {path} has format {fmt!r}; accepted: a `pipesparse fit` file ({FIT_FORMAT}), "
+        f"a SparsifyTransform state ({TRANSFORM_STATE_FORMAT}) or a sparsifier state ({STATE_FORMAT})"
+    )
+
+
+def _sparsifier_state(state: Mapping[str, Any], path: str) -> tuple[Mapping[str, Any], str | None]:
+    """The sparsifier state_dict inside ``state`` and the transform name its masks use."""
+    kind = _kind(state, path)
+    if kind == "sparsifier":
+        return state, None
+    transform = state.get("transform") if kind == "fit" else state
+    if not isinstance(transform, Mapping) or not isinstance(transform.get("sparsifier"), Mapping):
+        raise CorruptStateError(f"state file {path} has no sparsifier state inside")
+    config = transform.get("config") or {}
+    if config.get("mask_over") != "features":
+        raise CorruptStateError(
+            f"state file {path} holds mask_over={config.get('mask_over')!r} masks, which fit one "
+            "batch shape; shards need per-feature masks (mask_over='features', as `pipesparse fit` "
+            "makes)"
+        )
+    return transform["sparsifier"], config.get("name", TRANSFORM_NAME)
+
+
+def transform_state_for(state: Mapping[str, Any], path: str, columns: list[ColumnSpec]) -> dict:
+    """The state of a frozen ``mask_over="features"`` transform named ``"batch"`` for ``columns``.
+
+    Raises CorruptStateError naming the masks the file has when one is missing or misshapen.
+    """
+    sd, prefix = _sparsifier_state(state, path)
+    masks, groups = sd.get("state") or {}, sd.get("data_groups") or {}
+    dtypes = sd.get("mask_dtypes") or {}
+    names = [c.name for c in columns]
+    out_state, out_groups, out_dtypes = {}, {}, {}
+    for spec in columns:
+        candidates = (
+            [mask_name(spec.name, names, prefix)]
+            if prefix
+            else [spec.name, mask_name(spec.name, names)]
+        )
+        found = next((c for c in candidates if c in masks), None)
+        if found is None:
+            raise CorruptStateError(
+                f"state file {path} has no mask for column {spec.name!r} (looked for "
+                f"{' or '.join(map(repr, candidates))}); it has: {sorted(masks)}"
+            )
+        entry = masks[found]
+        mask = entry.get("mask") if isinstance(entry, Mapping) else None
+        if not isinstance(mask, torch.Tensor):
+            raise CorruptStateError(f"state file {path}: mask {found!r} is not a tensor")
+        if mask.layout != torch.strided:
+            mask = mask.to_dense()
+        if tuple(mask.shape) not in (spec.shape, (1, *spec.shape)):
+            raise CorruptStateError(
+                f"state file {path}: mask {found!r} has shape {tuple(mask.shape)}; rows of column "
+                f"{spec.name!r} have shape {spec.shape}, so the mask must be {spec.shape} or "
+                f"{(1, *spec.shape)}"
+            )
+        new = mask_name(spec.name, names)
+        out_state[new] = {"mask": mask.reshape(1, *spec.shape)}
+        out_groups[new] = dict(groups.get(found, {}))
+        if found in dtypes:
+            out_dtypes[new] = dtypes[found]
+    return {
+        "format": TRANSFORM_STATE_FORMAT,
+        "config": {"name": TRANSFORM_NAME, "update": "frozen", "mask_over": "features"},
+        "batches_seen": 0,
+        "sparsifier": {
+            "format": STATE_FORMAT,
+            "state": out_state,
+            "data_groups": out_groups,
+            "mask_dtypes": out_dtypes,
+            "squashed": [],
+        },
+    }
+
+
+def describe_state(state: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """What a state holds: its kind, header fields, and per mask its shape, sparsity, config
+    (and, for a fit file, the column it masks)."""
+    kind = _kind(state, path)
+    sd, _ = _sparsifier_state(state, path)
+    columns = list(state.get("columns") or {}) if kind == "fit" else []
+    column_of = {mask_name(c, columns): c for c in columns}
+    masks = {}
+    for name, entry in (sd.get("state") or {}).items():
+        mask = entry.get("mask") if isinstance(entry, Mapping) else None
+        if not isinstance(mask, torch.Tensor):
+            raise CorruptStateError(f"state file {path}: mask {name!r} is not a tensor")
+        mask = mask.to_dense() if mask.layout != torch.strided else mask
+        kept = int(mask.ne(0).sum())
+        masks[name] = {
+            "column": column_of.get(name),
+            "mask": mask,
+            "shape": tuple(mask.shape),
+            "kept": kept,
+            "sparsity": 1 - kept / max(1, math.prod(mask.shape)),
+            "config": dict((sd.get("data_groups") or {}).get(name, {})),
+        }
+    header = {"kind": kind}
+    if kind == "fit":
+        for key in ("sparsifier", "sparsifier_class", "config", "columns", "rows"):
+            header[key] = state.get(key)
+    return {"header": header, "masks": masks}

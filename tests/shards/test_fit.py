@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from pipesparse.shards.columns import ColumnSpec, to_tensor
+from pipesparse.shards.fit import fit, fit_report
+from pipesparse.shards.inputs import discover_shards
+from pipesparse.sparsifiers.norm import norm_keep_mask
+
+CONFIG = {"sparsity_level": 0.5, "sparse_block_shape": (2, 2)}
+
+
+def _all_rows(folder, name, shape):
+    spec = ColumnSpec(name, shape, "f")
+    return torch.cat(
+        [
+            to_tensor(b.column(name), spec, "f", 0)
+            for s in discover_shards([str(folder)])
+            for b in s.iter_batches(7)
+        ]
+    )
+
+
+def test_masks_are_the_rule_on_mean_abs_over_all_rows(tmp_path, shards_dir):
+    state = fit(
+        [str(shards_dir)], "img,vec", tmp_path / "s.pt", "norm", CONFIG, batch_rows=7, quiet=True
+    )
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert loaded["format"] == "pipesparse.fit/1" and loaded["rows"] == 60
+    assert loaded["columns"] == {"img": [4, 4], "vec": [8]}
+    assert loaded["config"] == {"sparsity_level": 0.5, "sparse_block_shape": [2, 2]}
+    masks = loaded["transform"]["sparsifier"]["state"]
+    for name, shape in (("img", (4, 4)), ("vec", (8,))):
+        summary = _all_rows(shards_dir, name, shape).abs().double().mean(dim=0, keepdim=True)
+        expected = norm_keep_mask(summary, 0.5, (2, 2), None)
+        assert torch.equal(masks[f"batch_{name}"]["mask"], expected)
+    assert state["rows"] == 60
+    assert "img (4, 4) sparsity 50.0%" in fit_report(state, "s.pt")
+
+
+def test_bad_config_or_column_writes_nothing(tmp_path, shards_dir):
+    with pytest.raises(ValueError, match="has no option level"):
+        fit([str(shards_dir)], "vec", tmp_path / "s.pt", "norm", {"level": 1})
+    with pytest.raises(ValueError, match="column 'nope'"):
+        fit([str(shards_dir)], "nope", tmp_path / "s.pt")
+    assert list(tmp_path.iterdir()) == [shards_dir]
+
+
+def test_no_rows_is_an_error(tmp_path, make_shards):
+    make_shards(tmp_path / "in", shards=1, rows=0)
+    with pytest.raises(ValueError):
+        fit([str(tmp_path / "in")], "fixed", tmp_path / "s.pt")
+    assert not (tmp_path / "s.pt").exists()

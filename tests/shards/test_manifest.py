@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from pipesparse.shards.manifest import MANIFEST_FORMAT, Manifest
+
+JOB = {
+    "sparsifier": "norm",
+    "sparsifier_class": "DataNormSparsifier",
+    "config": {"sparsity_level": 0.5},
+    "columns": {"x": [8]},
+    "format": "dense",
+    "masks": "per_row",
+    "state": None,
+    "inputs": {"a.parquet": {"path": "in/a.parquet", "sha256": "1", "bytes": 3}},
+}
+
+
+def test_save_load_record(tmp_path):
+    manifest = Manifest(tmp_path, JOB)
+    manifest.save()
+    (tmp_path / "a.parquet").write_bytes(b"data")
+    from pipesparse.shards.inputs import file_sha256
+
+    manifest.record(
+        "a.parquet", {"rows": 4, "bytes": 4, "sha256": file_sha256(tmp_path / "a.parquet")}
+    )
+    loaded = Manifest.load(tmp_path)
+    assert loaded.job == JOB and loaded.shards["a.parquet"]["rows"] == 4
+    assert json.loads((tmp_path / "manifest.json").read_text())["format"] == MANIFEST_FORMAT
+    assert loaded.is_complete("a.parquet")
+    (tmp_path / "a.parquet").write_bytes(b"dat4")  # same size, different bytes
+    assert not loaded.is_complete("a.parquet")
+    assert not loaded.is_complete("b.parquet")
+
+
+def test_differences_name_what_changed(tmp_path):
+    manifest = Manifest(tmp_path, JOB)
+    assert manifest.differences(dict(JOB, inputs={**JOB["inputs"]})) == []
+    changed = dict(
+        JOB,
+        config={"sparsity_level": 0.7},
+        state={"path": "s.pt", "sha256": "9"},
+        inputs={
+            "a.parquet": {"path": "in/a.parquet", "sha256": "2", "bytes": 3},
+            "b.parquet": {"path": "in/b.parquet", "sha256": "3", "bytes": 3},
+        },
+    )
+    found = " | ".join(manifest.differences(changed))
+    assert "config was {'sparsity_level': 0.5}, now {'sparsity_level': 0.7}" in found
+    assert "state file was None, now 's.pt'" in found
+    assert "input shard 'a.parquet' (in/a.parquet) has changed" in found
+    assert "input shard 'b.parquet' (in/b.parquet) is new" in found
+    assert "no longer given" in " ".join(Manifest(tmp_path, changed).differences(JOB))
+
+
+def test_missing_and_corrupt(tmp_path):
+    assert Manifest.load(tmp_path) is None
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a pipesparse manifest"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="use --overwrite"):
+        Manifest.load(tmp_path)

@@ -1,0 +1,211 @@
+import json
+import os
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipesparse.shards import ResumeRefusedError, ShardError, fit, preprocess, read_sparse
+from pipesparse.shards.manifest import Manifest
+
+COLUMNS = "vec,img,fixed"
+
+
+def _run(shards_dir, out, **kwargs):
+    kwargs.setdefault("sparsifier", "norm")
+    return preprocess([str(shards_dir)], out, kwargs.pop("columns", COLUMNS), quiet=True, **kwargs)
+
+
+def _outputs(folder):
+    return sorted(p.name for p in folder.iterdir() if p.suffix == ".parquet")
+
+
+def test_one_output_per_input_and_pass_through(tmp_path, shards_dir):
+    summary = _run(shards_dir, tmp_path / "out", batch_rows=6)
+    assert _outputs(tmp_path / "out") == ["part-00.parquet", "part-01.parquet", "part-02.parquet"]
+    assert summary.shards == 3 and summary.rows == 60 and summary.skipped == 0
+    assert (
+        "3 shards -> " in str(summary) and "rows/s" in str(summary) and "vs input" in str(summary)
+    )
+    source = pq.read_table(shards_dir / "part-01.parquet")
+    out = pq.read_table(tmp_path / "out" / "part-01.parquet")
+    assert out.column_names == source.column_names
+    for name in ("id", "label"):
+        assert out.column(name).equals(source.column(name))
+    for name in ("vec", "img", "fixed"):
+        assert out.schema.field(name).type == source.schema.field(name).type
+    zeros = read_sparse(tmp_path / "out" / "part-01.parquet")["vec"].eq(0).float().mean()
+    assert zeros == 0.5
+
+
+def test_manifest_records_job_and_finished_shards(tmp_path, shards_dir):
+    fit([str(shards_dir)], "vec", tmp_path / "s.pt", quiet=True)
+    _run(shards_dir, tmp_path / "out", columns="vec", sparsifier=None, state=str(tmp_path / "s.pt"))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    job = manifest["job"]
+    assert job["sparsifier_class"] == "DataNormSparsifier" and job["masks"] == "frozen"
+    assert job["state"]["path"] == str(tmp_path / "s.pt") and len(job["state"]["sha256"]) == 64
+    assert set(job["inputs"]) == {"part-00.parquet", "part-01.parquet", "part-02.parquet"}
+    assert all(len(v["sha256"]) == 64 for v in job["inputs"].values())
+    loaded = Manifest.load(tmp_path / "out")
+    assert all(loaded.is_complete(n) for n in job["inputs"])
+    assert sum(v["rows"] for v in manifest["shards"].values()) == 60
+
+
+def test_frozen_state_masks_every_row_the_same(tmp_path, shards_dir):
+    fit([str(shards_dir)], "img", tmp_path / "s.pt", "norm", {"sparsity_level": 0.75}, quiet=True)
+    _run(shards_dir, tmp_path / "out", columns="img", sparsifier=None, state=str(tmp_path / "s.pt"))
+    images = read_sparse(tmp_path / "out" / "part-02.parquet")["img"]
+    mask = torch.load(tmp_path / "s.pt", weights_only=True)["transform"]["sparsifier"]["state"][
+        "batch"
+    ]["mask"]
+    assert torch.equal(images.ne(0), mask.expand_as(images))
+    with pytest.raises(ValueError, match="--config does not apply with --state"):
+        _run(
+            shards_dir,
+            tmp_path / "o2",
+            columns="img",
+            state=str(tmp_path / "s.pt"),
+            config={"sparsity_level": 0.5},
+        )
+    with pytest.raises(ValueError, match="was fitted with --sparsifier norm, not nm"):
+        _run(
+            shards_dir,
+            tmp_path / "o2",
+            columns="img",
+            sparsifier="nm",
+            state=str(tmp_path / "s.pt"),
+        )
+
+
+def test_rerun_resumes_and_redoes_damaged_shards(tmp_path, shards_dir):
+    out = tmp_path / "out"
+    _run(shards_dir, out)
+    first = {p: (out / p).read_bytes() for p in _outputs(out)}
+    assert _run(shards_dir, out).skipped == 3
+    (out / "part-01.parquet").write_bytes(b"corrupt")
+    (out / "part-02.parquet").unlink()
+    (out / ".pipesparse-part-00.parquet.999.tmp").write_bytes(b"half")
+    summary = _run(shards_dir, out, engine="local", batch_rows=1024)
+    assert summary.skipped == 1 and summary.rows == 40
+    assert {p: (out / p).read_bytes() for p in _outputs(out)} == first
+    assert not list(out.glob(".pipesparse-*.tmp"))
+
+
+def test_changed_input_or_config_refuses_unless_overwrite(tmp_path, shards_dir, make_shards):
+    out = tmp_path / "out"
+    _run(shards_dir, out)
+    with pytest.raises(ResumeRefusedError, match="config was {}, now {'sparsity_level': 0.7}"):
+        _run(shards_dir, out, config={"sparsity_level": 0.7})
+    make_shards(shards_dir, shards=3, seed=1)
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(
+        ResumeRefusedError, match="input shard 'part-00.parquet' .* has changed.*--overwrite"
+    ):
+        _run(shards_dir, out)
+    assert (out / "manifest.json").read_bytes() == before
+    _run(shards_dir, out, overwrite=True, config={"sparsity_level": 0.7})
+    assert Manifest.load(out).job["config"] == {"sparsity_level": 0.7}
+
+
+def test_overwrite_removes_outputs_of_the_old_job(tmp_path, make_shards):
+    make_shards(tmp_path / "in", shards=3)
+    out = tmp_path / "out"
+    _run(tmp_path / "in", out)
+    preprocess(
+        [str(tmp_path / "in" / "part-00.parquet")], out, COLUMNS, "norm", overwrite=True, quiet=True
+    )
+    assert _outputs(out) == ["part-00.parquet"]
+
+
+def test_foreign_files_in_the_output_folder_are_not_overwritten(tmp_path, shards_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-00.parquet").write_bytes(b"someone's file")
+    with pytest.raises(ResumeRefusedError, match="no manifest.json"):
+        _run(shards_dir, out)
+    assert (out / "part-00.parquet").read_bytes() == b"someone's file"
+    _run(shards_dir, out, overwrite=True)
+    assert read_sparse(out / "part-00.parquet")["vec"].shape == (20, 8)
+
+
+def _ragged_shard(folder):
+    rows = [[1.0, 2.0, 3.0, 4.0]] * 9 + [[1.0, 2.0]] + [[1.0, 2.0, 3.0, 4.0]] * 5
+    pq.write_table(
+        pa.table({"v": pa.array(rows, pa.list_(pa.float32()))}), folder / "z-bad.parquet"
+    )
+
+
+def test_bad_rows_fail_cleanly_with_file_column_row(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = pa.table({"v": pa.array([[1.0, 2.0, 3.0, 4.0]] * 5, pa.list_(pa.float32()))})
+    pq.write_table(good, folder / "a-good.parquet")
+    _ragged_shard(folder)
+    out = tmp_path / "out"
+    with pytest.raises(ShardError, match=r"z-bad.parquet, column 'v', row 9: ragged row") as info:
+        preprocess([str(folder)], out, "v", "threshold", batch_rows=4, quiet=True)
+    assert info.value.row == 9
+    assert _outputs(out) == ["a-good.parquet"]  # finished before the bad shard, complete
+    assert list(Manifest.load(out).shards) == ["a-good.parquet"]
+    assert not [
+        p for p in os.listdir(out) if p.startswith(".pipesparse-") and p != ".pipesparse.lock"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("columns", "error", "message"),
+    [
+        ("nope", ShardError, "column 'nope': no such column"),
+        ("label", TypeError, "column 'label': has type string"),
+    ],
+)
+def test_schema_errors_fail_before_anything_is_written(
+    tmp_path, shards_dir, columns, error, message
+):
+    with pytest.raises(error, match=message):
+        _run(shards_dir, tmp_path / "out", columns=columns)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_shard_names_the_file(tmp_path, shards_dir):
+    (shards_dir / "part-09.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(ShardError, match="part-09.parquet: cannot read the file"):
+        _run(shards_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_saved_dataset_input_and_empty_shards(tmp_path, make_shards):
+    rows = np.random.default_rng(0).normal(size=(25, 8)).astype(np.float32)
+    dataset = datasets.Dataset.from_dict({"vec": rows.tolist(), "y": list(range(25))})
+    dataset.save_to_disk(str(tmp_path / "ds"), num_shards=2)
+    preprocess([str(tmp_path / "ds")], tmp_path / "out", "vec", "nm", batch_rows=8, quiet=True)
+    outputs = _outputs(tmp_path / "out")
+    assert outputs == ["data-00000-of-00002.parquet", "data-00001-of-00002.parquet"]
+    values = torch.cat([read_sparse(tmp_path / "out" / p)["vec"] for p in outputs])
+    assert torch.equal(values.ne(0).reshape(25, 2, 4).sum(-1), torch.full((25, 2), 2))
+    make_shards(tmp_path / "e", shards=2, empty_last=True)
+    _run(tmp_path / "e", tmp_path / "out_e")
+    assert pq.read_table(tmp_path / "out_e" / "part-01.parquet").num_rows == 0
+
+
+def test_bad_arguments(tmp_path, shards_dir):
+    with pytest.raises(ValueError, match="--sparsifier is required"):
+        _run(shards_dir, tmp_path / "o", sparsifier=None)
+    with pytest.raises(ValueError, match="unknown engine 'spark'"):
+        _run(shards_dir, tmp_path / "o", engine="spark")
+    with pytest.raises(ValueError, match="batch_rows must be an int >= 1"):
+        _run(shards_dir, tmp_path / "o", batch_rows=0)
+    with pytest.raises(ValueError, match="names a column twice"):
+        _run(shards_dir, tmp_path / "o", columns="vec,vec")
+
+
+def test_output_folder_inside_the_input_folder_is_not_input(tmp_path, shards_dir):
+    out = shards_dir / "sparse"
+    _run(shards_dir, out)
+    again = _run(shards_dir, out)
+    assert again.shards == 3 and again.skipped == 3
+    assert _outputs(out) == ["part-00.parquet", "part-01.parquet", "part-02.parquet"]

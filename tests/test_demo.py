@@ -1,0 +1,26 @@
+import torch
+
+from pipesparse.cli import main
+
+
+def test_demo_runs_the_whole_job(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote 1797 scikit-learn digits" in text
+    assert "fitted image (8, 8) sparsity 50.0% on 1797 rows" in text
+    assert "size: dense" in text and "coo" in text and "rows/s" in text
+    for name in ("masks.png", "samples.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (out / "frozen_coo").glob("*.parquet")) == [
+        f"digits-{i:02d}.parquet" for i in range(4)
+    ]
+    state = torch.load(out / "masks.pt", weights_only=True)
+    assert state["rows"] == 1797 and state["columns"] == {"image": [8, 8]}
+
+
+def test_demo_never_deletes_a_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("precious")
+    assert main(["demo", "--out", str(tmp_path)]) == 1
+    assert "holds files the demo did not write (['thesis.tex'])" in capsys.readouterr().err
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
