@@ -14,6 +14,7 @@ view. Every op is a plain tensor op, so CUDA batches take the same path.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ _MAX_SUMMED_BLOCK = 16  # larger blocks: one avg_pool2d beats that many strided 
 _SAMPLED_SELECTION_MIN = 32768  # rows of fewer block norms: plain kthvalue
 _SAMPLE_MAX = 16384
 _SAMPLES: dict[tuple[int, int, str], torch.Tensor] = {}
+_WORKSPACE = threading.local()
+_WORKSPACE_MAX = 16  # buffers kept per thread; more shapes than that start over
 
 
 def _as_matrices(data: torch.Tensor) -> torch.Tensor:
@@ -40,10 +43,31 @@ def _as_matrices(data: torch.Tensor) -> torch.Tensor:
     return data.reshape(-1, data.shape[-2], data.shape[-1])
 
 
+def _scratch(role: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A buffer of ``like``'s shape reused by this thread from batch to batch.
+
+    Per-batch temporaries as big as the batch would otherwise be fresh pages each time (the
+    allocator hands large blocks back to the OS): on CPU the page faults cost about as much
+    as the arithmetic. Only for values consumed within one mask update."""
+    buffers = getattr(_WORKSPACE, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACE.buffers = {}
+    dtype = like.dtype if dtype is None else dtype
+    key = (role, tuple(like.shape), dtype, like.device)
+    buffer = buffers.get(key)
+    if buffer is None:
+        if len(buffers) >= _WORKSPACE_MAX:
+            buffers.clear()
+        buffer = buffers[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
+    return buffer
+
+
 def _elementwise_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
+    """|x| or x*x, in float32 or wider, into a scratch buffer (see :func:`_scratch`)."""
     if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point():
         x = x.float()  # pooling in half precision loses the order of close norms
-    return x.abs() if norm == "L1" else x * x
+    out = _scratch("norm", x)
+    return torch.abs(x, out=out) if norm == "L1" else torch.mul(x, x, out=out)
 
 
 def _tiles(height: int, width: int, block: tuple[int, int]) -> bool:
@@ -73,7 +97,7 @@ def _block_means(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
         return values
     grid = values.view(batch, height // block_h, block_h, width // block_w, block_w)
     parts = [grid[:, :, i, :, j] for i in range(block_h) for j in range(block_w)]
-    total = parts[0] + parts[1]
+    total = torch.add(parts[0], parts[1], out=_scratch("block_means", parts[0]))
     for part in parts[2:]:
         total += part
     return total.div_(block_h * block_w)
@@ -101,18 +125,20 @@ def _kth_by_sample(values: torch.Tensor, k: int) -> torch.Tensor | None:
     sample holds (NaN included): a bracket that fails the count falls back to full selection."""
     n = values.numel()
     size = min(_SAMPLE_MAX, round(n ** (2 / 3)))  # balances sample and bracket selection
-    sample = values[_sample_index(n, size, values.device)].sort().values
+    sample = values[_sample_index(n, size, values.device)]
     centre = k * size / n
     spread = 2.0 * math.sqrt(size)  # 4 sigma of a sample quantile's rank
     lo_rank, hi_rank = math.floor(centre - spread), math.ceil(centre + spread)
-    lo = sample[lo_rank - 1] if lo_rank >= 1 else -math.inf
-    hi = sample[hi_rank - 1] if hi_rank <= size else math.inf
-    below = int((values < lo).count_nonzero())
-    inside = (values >= lo).logical_and_(values <= hi)  # NaN is in no bracket
+    lo = sample.kthvalue(lo_rank).values if lo_rank >= 1 else -math.inf
+    hi = sample.kthvalue(hi_rank).values if hi_rank <= size else math.inf
+    flags = _scratch("under", values, torch.bool), _scratch("upto", values, torch.bool)
+    under, upto = torch.lt(values, lo, out=flags[0]), torch.le(values, hi, out=flags[1])
+    # NaN is in neither: it ranks above the bracket
+    below = int(under.count_nonzero())
     need = k - below  # rank of the k-th value among the values inside the bracket
-    if not 1 <= need <= int(inside.count_nonzero()):
+    if not 1 <= need <= int(upto.count_nonzero()) - below:
         return None
-    threshold = values[inside].kthvalue(need).values
+    threshold = values[upto.ne_(under)].kthvalue(need).values  # inside: upto and not under
     # an infinite k-th value ties with NaN, which the bracket left out: full selection then
     return threshold if math.isfinite(threshold) else None
 
@@ -126,15 +152,20 @@ def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     if values.shape[0] == 1 and values.shape[1] >= _SAMPLED_SELECTION_MIN:
         threshold = _kth_by_sample(values[0], k)
     if threshold is None:
-        values = torch.where(values.isnan(), math.inf, values)  # NaN sorts last
+        values = values.nan_to_num(math.inf, math.inf, -math.inf)  # NaN sorts last, as inf
         threshold = values.kthvalue(k, dim=1, keepdim=True).values
-    chosen = values <= threshold
+    chosen = torch.le(values, threshold, out=_scratch("chosen", values, torch.bool))
     if int(chosen.count_nonzero()) == k * values.shape[0]:
         return chosen
+    # ties at the threshold (a few entries): keep the lowest-index ones that still fit
     below = values < threshold
-    tied = values == threshold
-    room = k - below.sum(dim=1, keepdim=True)
-    return below | (tied & (tied.cumsum(dim=1) <= room))
+    rows, cols = (values == threshold).nonzero(as_tuple=True)
+    room = k - (below.count_nonzero().view(1) if values.shape[0] == 1 else below.sum(dim=1))
+    first = torch.searchsorted(rows, torch.arange(values.shape[0], device=rows.device))
+    rank = torch.arange(rows.numel(), device=rows.device) - first[rows]
+    fits = rank < room[rows]
+    below[rows[fits], cols[fits]] = True
+    return below
 
 
 def _lowest_in_block(blocks: torch.Tensor, zeros: int) -> torch.Tensor:
@@ -146,6 +177,7 @@ def _lowest_in_block(blocks: torch.Tensor, zeros: int) -> torch.Tensor:
     return rank < zeros
 
 
+@torch.no_grad()  # scratch buffers are written with out=, which autograd refuses
 def _plan(
     data: torch.Tensor,
     sparsity_level: float,
@@ -170,7 +202,9 @@ def _plan(
     return removed, values, zeros
 
 
-def _drop_mask(removed: torch.Tensor, values: torch.Tensor, zeros: int, block: tuple[int, int]):
+def _drop_mask(
+    removed: torch.Tensor, values: torch.Tensor, zeros: int, block: tuple[int, int]
+) -> torch.Tensor:
     """Bool (B, H, W): True where an entry is zeroed."""
     batch, height, width = values.shape
     rows, cols = removed.shape[1:]
@@ -289,7 +323,8 @@ class DataNormSparsifier(BaseDataSparsifier):
             and width == cols * block[1]
             and mask.is_contiguous()
         ):  # whole blocks tiling the matrix: broadcast each block's 0/1 into its entries
-            keep = removed.logical_not().to(mask.dtype).view(batch, rows, 1, cols, 1)
+            keep = torch.logical_not(removed, out=_scratch("keep", removed, mask.dtype))
+            keep = keep.view(batch, rows, 1, cols, 1)
             mask.view(batch, rows, block[0], cols, block[1]).copy_(keep)
         else:
             mask.copy_(_drop_mask(removed, values, zeros, block).logical_not().reshape(mask.shape))

@@ -1,0 +1,167 @@
+"""Streaming sparsification: SparsifyTransform vs torch.ao's data sparsifier vs the bound.
+
+    python benchmarks/stream.py            # the README table (about a minute on 2 cores)
+    python benchmarks/stream.py --quick    # fewer repeats, no 10,000-batch memory run
+
+Each case consumes its own iterator over one pool of distinct float32 batches (more bytes than
+the last-level cache holds, so every batch comes from memory, as in a real stream). The bound
+is ``batch * mask`` with a ready float32 mask of the batch's shape: what the masked view costs
+at the least, in the dtype the library stores masks in (the data's). Rule: DataNormSparsifier,
+L1 norm, 1x4 blocks, sparsity 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefNorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import THREADS, interleaved, rss_mb, setup_threads, table  # noqa: E402
+
+from pipesparse import DataNormSparsifier  # noqa: E402
+from pipesparse.transforms import SparsifyTransform  # noqa: E402
+
+CONFIG = {"sparsity_level": 0.5, "sparse_block_shape": (1, 4), "norm": "L1"}
+SHAPES = ((256, 1024), (1024, 4096))
+POOL_BYTES = 256 * 2**20
+MEMORY_BATCHES = 10_000
+
+
+def batch_pool(shape: tuple[int, int], seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    count = max(4, POOL_BYTES // (shape[0] * shape[1] * 4))
+    return [torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def runner(step, pool: list[torch.Tensor], batches: int):
+    """A case: ``step(batch)`` on the next ``batches`` batches of a private cycle of the pool."""
+    stream = itertools.cycle(pool)
+
+    def run() -> None:
+        for batch in itertools.islice(stream, batches):
+            step(batch)
+
+    run.batches = batches
+    return run
+
+
+def reference_step(update: bool):
+    ref = RefNorm(**CONFIG)
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        ref.add_data("batch", batch)
+        if update:
+            ref.step()
+        return ref.get_data("batch", return_original=False)
+
+    return ref, step
+
+
+def same_masks_as_reference(pool: list[torch.Tensor]) -> bool:
+    """The masks the benchmark computes are torch.ao's, bit for bit (checked on two batches)."""
+    ref, ref_step = reference_step(update=True)
+    transform = SparsifyTransform(DataNormSparsifier(**CONFIG))
+    for batch in pool[:2]:
+        ours, theirs = transform(batch), ref_step(batch)
+        if not torch.equal(ours, theirs) or not torch.equal(
+            transform.sparsifier.get_mask("batch"), ref.get_mask("batch").to(torch.float32)
+        ):
+            return False
+    return True
+
+
+def measure_shape(shape: tuple[int, int], repeats: int) -> tuple[list[list[object]], bool]:
+    pool = batch_pool(shape)
+    elements = shape[0] * shape[1]
+    fast = max(2, 2**22 // elements)  # batches per timed run of a fast case
+    slow = max(1, 2**18 // elements)
+
+    every = SparsifyTransform(DataNormSparsifier(**CONFIG))
+    frozen = SparsifyTransform(DataNormSparsifier(**CONFIG), update="frozen", mask_over="batch")
+    frozen.fit(pool[0])
+    ready_mask = frozen.sparsifier.get_mask("batch").clone()
+    _, ref_every = reference_step(update=True)
+    ref_frozen_sparsifier, ref_frozen = reference_step(update=False)
+    ref_frozen_sparsifier.add_data("batch", pool[0])
+    ref_frozen_sparsifier.step()
+
+    cases = {
+        "bound": runner(lambda b: b * ready_mask, pool, fast * 4),
+        "every": runner(every, pool, fast),
+        "frozen": runner(frozen, pool, fast * 4),
+        "ref_every": runner(ref_every, pool, slow),
+        "ref_frozen": runner(ref_frozen, pool, slow),
+    }
+    seconds = interleaved(cases, repeats)
+    per_batch = {name: seconds[name] / cases[name].batches for name in cases}
+    label = f"{shape[0]}x{shape[1]}"
+    gigabytes = elements * 4 / 1e9
+    rows = []
+    for mode, ours, ref in (
+        ("every batch", "every", "ref_every"),
+        ("frozen", "frozen", "ref_frozen"),
+    ):
+        rows.append(
+            [
+                f"{label} {mode}",
+                1 / per_batch[ours],
+                1 / per_batch[ref],
+                1 / per_batch["bound"],
+                f"{per_batch[ref] / per_batch[ours]:.0f}x",
+                f"{per_batch[ours] / per_batch['bound']:.2f}x",
+                gigabytes / per_batch[ours],
+            ]
+        )
+    return rows, same_masks_as_reference(pool)
+
+
+def memory_growth(batches: int) -> tuple[float, float]:
+    """RSS (MB) after a warm-up and its growth over ``batches`` more every-batch transforms."""
+    pool = batch_pool((256, 1024), seed=1)[:64]
+    transform = SparsifyTransform(DataNormSparsifier(**CONFIG))
+    for batch in pool * 4:
+        transform(batch)
+    before = rss_mb()
+    for batch in itertools.islice(itertools.cycle(pool), batches):
+        transform(batch)
+    return before, rss_mb() - before
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 repeats, no memory run")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")  # torch.ao warns on every re-registration
+    threads = setup_threads(args.threads)
+    rows, identical = [], []
+    for shape in SHAPES:
+        shape_rows, same = measure_shape(shape, repeats=3 if args.quick else 7)
+        rows += shape_rows
+        identical.append(same)
+    title = (
+        f"Streaming DataNormSparsifier (L1, 1x4 blocks, sparsity 0.5) through SparsifyTransform, "
+        f"float32, torch {torch.__version__}, {threads} threads. Batches/s (median of repeats). "
+        "torch.ao: the same loop (add_data, step, masked get_data; frozen: no step). Bound: "
+        "batch * ready float32 mask (the mask dtype pipesparse stores), same batch stream. "
+        "'x bound' = pipesparse time / bound time."
+    )
+    header = ["case", "pipesparse", "torch.ao", "bound", "vs torch.ao", "x bound", "GB/s"]
+    print(table(title, header, rows))
+    print(f"\nmasks identical to torch.ao's: {'yes' if all(identical) else 'NO'}")
+    if not args.quick:
+        before, growth = memory_growth(MEMORY_BATCHES)
+        print(
+            f"memory: RSS {before:.0f} MB after warm-up, {growth:+.1f} MB after "
+            f"{MEMORY_BATCHES:,} more 256x1024 every-batch transforms"
+        )
+
+
+if __name__ == "__main__":
+    main()
