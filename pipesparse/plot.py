@@ -35,6 +35,18 @@ def _figure(rows: int, cols: int, size: float = 2.2):
     return plt, fig, axes
 
 
+def _save(plt, fig, path: str | Path, title: str) -> Path:
+    """Title, lay out, write the PNG (creating its folder) and free the figure."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_masks(masks: Mapping[str, torch.Tensor], path: str | Path, title: str = "") -> Path:
     """One panel per mask (kept entries white, zeroed black), named with shape and sparsity."""
     if not masks:
@@ -52,14 +64,7 @@ def plot_masks(masks: Mapping[str, torch.Tensor], path: str | Path, title: str =
             interpolation="nearest",
         )
         ax.set_title(f"{name} {tuple(mask.shape)}\nsparsity {sparsity:.0%}", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_samples(
@@ -81,11 +86,4 @@ def plot_samples(
             else:
                 ax.axis("off")
         axes[line][0].set_ylabel(label, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
