@@ -21,7 +21,10 @@ class SparsifyCollate:
 
     Args:
         transform: the transform applied to each collated batch.
-        collate_fn: how samples become a batch; None: ``torch.utils.data.default_collate``.
+        collate_fn: how samples become a batch; None: ``torch.utils.data.default_collate``,
+            whose fresh tensors are masked in place (see
+            :meth:`SparsifyTransform.apply_in_place`). The output of any other ``collate_fn``
+            is never written to.
     """
 
     def __init__(
@@ -37,8 +40,12 @@ class SparsifyCollate:
         self.collate_fn = collate_fn
 
     def __call__(self, samples: list[Any]) -> Any:
-        collate = default_collate if self.collate_fn is None else self.collate_fn
-        return self.transform(collate(samples))
+        if self.collate_fn is None or self.collate_fn is default_collate:
+            # default_collate stacks the samples into new tensors (in a worker, already in shared
+            # memory) that only this call holds, so they are masked in place: no second batch
+            # to allocate and copy. Any other collate_fn may return views of the dataset.
+            return self.transform.apply_in_place(default_collate(samples))
+        return self.transform(self.collate_fn(samples))
 
     def __repr__(self) -> str:
         return f"SparsifyCollate({self.transform!r}, collate_fn={self.collate_fn!r})"

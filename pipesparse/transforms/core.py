@@ -140,6 +140,19 @@ class SparsifyTransform:
     # -- the per-batch path -----------------------------------------------------------------
     def __call__(self, batch: Any) -> Any:
         """The batch with the selected entries masked, same structure, others untouched."""
+        return self._masked(batch, in_place=False)
+
+    def apply_in_place(self, batch: Any) -> Any:
+        """Like ``transform(batch)``, but multiply the selected tensors (and writable numpy
+        arrays) by their masks in place, saving a batch-sized allocation and copy. Only for a
+        batch the caller owns and nobody else reads, such as a fresh ``default_collate``
+        output; ``transform(batch)`` never writes into the batch. An entry whose dtype the
+        mask would promote (integers) or that requires grad is masked out of place, as
+        ``transform(batch)`` does; an entry moved to ``device`` is masked in its new copy.
+        Entries that share memory are all masked out of place."""
+        return self._masked(batch, in_place=True)
+
+    def _masked(self, batch: Any, in_place: bool) -> Any:
         entries = _structure.select(batch, self.keys)
         if not entries:
             return batch
@@ -147,8 +160,10 @@ class SparsifyTransform:
         tensors = [self._to_tensor(entry) for _, entry in entries]
         if self._must_fit(names):
             self._fit(names, tensors)
+        if in_place and len(tensors) > 1:  # entries sharing memory would be masked twice
+            in_place = len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
         masked = {
-            path: self._from_tensor(self._apply(n, t), entry)
+            path: self._from_tensor(self._apply(n, t, in_place), entry)
             for n, t, (path, entry) in zip(names, tensors, entries, strict=True)
         }
         self._batches_seen += 1
@@ -251,7 +266,7 @@ class SparsifyTransform:
             magnitude = magnitude.float()
         return magnitude.mean(dim=0, keepdim=True)
 
-    def _apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _apply(self, name: str, tensor: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         mask = self.sparsifier.get_mask(name)
         if self.mask_over == "features":
             if tuple(mask.shape) != (1, *tensor.shape[1:]):
@@ -267,6 +282,12 @@ class SparsifyTransform:
             )
         if mask.device != tensor.device:
             mask = mask.to(tensor.device)
+        if (
+            in_place
+            and not tensor.requires_grad
+            and torch.can_cast(torch.result_type(tensor, mask), tensor.dtype)
+        ):
+            return tensor.mul_(mask)
         out = tensor * mask
         return out if out.dtype == tensor.dtype else out.to(tensor.dtype)
 

@@ -149,3 +149,113 @@ def test_running_persistent_workers_use_a_mask_changed_by_the_main_process(conte
     for i in (2, 3):
         assert torch.equal(got[i]["x"], old[i]["x"]) or torch.equal(got[i]["x"], new[i]["x"])
     assert_same_batches(got[4:], new[4:])
+
+
+# -- in-place masking of default_collate's fresh batch -----------------------------------------
+
+
+def out_of_place(tf, samples_):
+    """What the transform returns for the same collated batch when it may not write into it."""
+    return tf(default_collate(samples_))
+
+
+@pytest.mark.parametrize(
+    "update, mask_over", [("every_batch", "batch"), ("frozen", "features"), ("frozen", "batch")]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_default_collate_batches_equal_the_out_of_place_transform(update, mask_over, dtype):
+    data = [{**s, "x": s["x"].to(dtype), "w": s["x"].double()} for s in samples(12)]
+    tf = SparsifyTransform(
+        DataNormSparsifier(sparsity_level=0.5), update=update, mask_over=mask_over
+    )
+    if update == "frozen":
+        tf(default_collate(data[:4]))
+    collate = SparsifyCollate(tf)
+    for start in (0, 4, 8):
+        got = collate(data[start : start + 4])
+        want = out_of_place(tf, data[start : start + 4])
+        for key in ("x", "w"):
+            assert got[key].dtype == want[key].dtype
+            assert torch.equal(got[key], want[key])
+            assert torch.equal(torch.signbit(got[key]), torch.signbit(want[key]))  # -0.0 too
+        assert torch.equal(got["y"], want["y"]) and got["id"] == want["id"]
+        assert (got["x"] == 0).any()
+
+
+def test_default_collate_of_numpy_samples_and_an_explicit_default_collate():
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randn(8, generator=gen).numpy() for _ in range(4)]
+    tf = transform()
+    want = tf(default_collate(rows))
+    for collate in (SparsifyCollate(tf), SparsifyCollate(tf, collate_fn=default_collate)):
+        got = collate(rows)
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+    assert all((row != 0).all() for row in rows)  # the samples themselves are never masked
+
+
+def test_calling_the_transform_never_changes_the_callers_batch():
+    batch = default_collate(samples(8))
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else list(v) for k, v in batch.items()}
+    for tf in (transform(), transform("frozen"), transform(2)):
+        out = tf(batch)
+        assert out["x"] is not batch["x"] and (out["x"] == 0).any()
+        for key, value in before.items():
+            assert torch.equal(batch[key], value) if key != "id" else batch[key] == value
+    array = batch["x"].numpy().copy()
+    out = transform()(array)
+    assert isinstance(out, type(array)) and (out == 0).any() and (array != 0).all()
+
+
+def test_apply_in_place_writes_into_the_batch_and_falls_back_where_it_cannot():
+    tf = SparsifyTransform(  # over features, the mask of an int entry is float32
+        DataNormSparsifier(sparsity_level=0.5), keys=["x", "n", "g"], mask_over="features"
+    )
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 8, generator=gen)
+    ints = torch.arange(32).reshape(4, 8)
+    grad = torch.randn(4, 8, generator=gen, requires_grad=True)
+    batch = {"x": x.clone(), "n": ints.clone(), "g": grad}
+    want = tf({"x": x, "n": ints, "g": grad})
+    got = tf.apply_in_place(batch)
+    assert got["x"] is batch["x"] and torch.equal(batch["x"], want["x"])  # written in place
+    assert got["n"].dtype == torch.int64 and torch.equal(got["n"], want["n"])
+    assert torch.equal(batch["n"], ints)  # an int tensor cannot take a float mask in place
+    assert (want["n"] == 0).any()
+    assert got["g"] is not grad and torch.equal(got["g"], want["g"]) and got["g"].requires_grad
+
+    shared = torch.randn(4, 8, generator=gen)  # one tensor under two keys: two masks, one memory
+    two = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), keys=["a", "b"])
+    want = two({"a": shared, "b": shared.flip(1)})
+    got = two.apply_in_place({"a": shared.clone(), "b": shared.flip(1)})
+    assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"], want["b"])
+    aliased = shared.clone()
+    got = two.apply_in_place({"a": aliased, "b": aliased[:, :]})
+    want = two({"a": shared, "b": shared})
+    assert torch.equal(aliased, shared)  # not written: both entries view its memory
+    assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"], want["b"])
+
+
+def test_a_collate_fn_returning_views_of_the_dataset_leaves_the_dataset_unchanged():
+    storage = torch.randn(16, 8, generator=torch.Generator().manual_seed(7))
+    original = storage.clone()
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return i
+
+    def slice_of_storage(indices):  # a batch that is a view of the dataset's own tensor
+        return storage[indices[0] : indices[-1] + 1]
+
+    for update in ("every_batch", "frozen"):
+        tf = transform(update)
+        if update == "frozen":
+            tf(original[:4].clone())
+        got = list(loader(Rows(), SparsifyCollate(tf, collate_fn=slice_of_storage)))
+        assert all((b == 0).any() for b in got)
+        assert torch.equal(storage, original)
+        assert torch.equal(
+            torch.cat(got), torch.cat([tf(original[i : i + 4]) for i in (0, 4, 8, 12)])
+        )
