@@ -119,8 +119,10 @@ class Job:
         return pa.schema(fields, metadata=metadata)
 
 
-def _positive_zeros(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.masked_fill(tensor == 0, 0)
+def _positive_zeros_(tensor: torch.Tensor) -> torch.Tensor:
+    """``-0.0 + 0.0`` is ``+0.0`` in IEEE arithmetic and ``x + 0.0`` is ``x`` bit for bit for
+    every other value (NaN and subnormals included): one in-place pass, no comparison."""
+    return tensor.add_(0.0)
 
 
 class BatchProcessor:
@@ -146,9 +148,9 @@ class BatchProcessor:
                 }
             else:
                 view = tensors
-            with torch.no_grad():
-                masked = self.transform(view)
-            tensors = {n: _positive_zeros(masked[n].reshape(t.shape)) for n, t in tensors.items()}
+            with torch.no_grad():  # to_tensor copies out of Arrow: the tensors are ours to write
+                masked = self.transform.apply_in_place(view)
+            tensors = {n: _positive_zeros_(masked[n].reshape(t.shape)) for n, t in tensors.items()}
         arrays = []
         for field in batch.schema:
             if field.name not in tensors:

@@ -25,6 +25,7 @@ from pipesparse.shards.job import BatchProcessor, Job
 __all__ = ["RayEngine"]
 
 PATH = "path"  # the column read_parquet(include_paths=True) adds
+BLOCK_BYTES = 8 * 2**20  # largest Ray Data block during a run
 
 
 def _runs(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
@@ -95,7 +96,7 @@ class RayEngine:
         self.job, self.batch_rows, self.workers = job, batch_rows, workers
         self._started = False
         self._log_level = logging.NOTSET
-        self._saved: tuple[bool, bool] = (False, True)
+        self._saved: tuple[bool, bool, int | None] = (False, True, None)
 
     def __enter__(self) -> RayEngine:
         import ray
@@ -106,9 +107,18 @@ class RayEngine:
             self._started = True
         context = DataContext.get_current()  # set for this run, restored after it
         options = context.execution_options
-        self._saved = (options.preserve_order, context.enable_progress_bars)
+        self._saved = (
+            options.preserve_order,
+            context.enable_progress_bars,
+            context.target_max_block_size,
+        )
         options.preserve_order = True  # shards are written in row order
         context.enable_progress_bars = False  # ours counts rows and shards
+        # Small blocks: Ray Data reads a few small shards as one block, which one actor of the
+        # pool would then process alone, with nothing reaching this process until it is done.
+        context.target_max_block_size = min(
+            context.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES
+        )
         logger = logging.getLogger("ray.data")  # its per-dataset notices, likewise
         self._log_level = logger.level
         logger.setLevel(logging.ERROR)
@@ -119,7 +129,11 @@ class RayEngine:
         from ray.data import DataContext
 
         context = DataContext.get_current()
-        context.execution_options.preserve_order, context.enable_progress_bars = self._saved
+        (
+            context.execution_options.preserve_order,
+            context.enable_progress_bars,
+            context.target_max_block_size,
+        ) = self._saved
         logging.getLogger("ray.data").setLevel(self._log_level)
         if self._started:
             ray.shutdown()

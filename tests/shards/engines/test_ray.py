@@ -99,13 +99,39 @@ def test_ray_reports_the_bad_row(cluster, tmp_path):
 def test_ray_data_settings_are_restored(cluster, tmp_path, shards_dir):
     from ray.data import DataContext
 
-    from pipesparse.shards.engines.ray import RayEngine
+    from pipesparse.shards.engines.ray import BLOCK_BYTES, RayEngine
     from pipesparse.shards.inputs import discover_shards
     from pipesparse.shards.job import build_job
 
     context = DataContext.get_current()
-    before = (context.execution_options.preserve_order, context.enable_progress_bars)
+
+    def settings():
+        return (
+            context.execution_options.preserve_order,
+            context.enable_progress_bars,
+            context.target_max_block_size,
+        )
+
+    before = settings()
     job = build_job(discover_shards([str(shards_dir)]), "vec", "threshold", {}, None, "dense")
     with RayEngine(job, batch_rows=8, workers=1):
         assert context.execution_options.preserve_order is True
-    assert (context.execution_options.preserve_order, context.enable_progress_bars) == before
+        assert context.target_max_block_size <= BLOCK_BYTES
+    assert settings() == before
+
+
+def test_many_small_blocks_over_two_actors_keep_every_shard_in_order(
+    cluster, tmp_path, make_shards, monkeypatch
+):
+    import pipesparse.shards.engines.ray as ray_engine
+
+    monkeypatch.setattr(ray_engine, "BLOCK_BYTES", 2048)  # a few rows per Ray Data block
+    make_shards(tmp_path / "in", shards=3, rows=60)
+    common = dict(columns="vec,img", sparsifier="norm", quiet=True, batch_rows=8)
+    preprocess([str(tmp_path / "in")], tmp_path / "local", engine="local", **common)
+    preprocess([str(tmp_path / "in")], tmp_path / "ray", engine="ray", workers=2, **common)
+    assert _decoded(tmp_path / "ray") == _decoded(tmp_path / "local")
+    for shard in ("part-00.parquet", "part-01.parquet", "part-02.parquet"):
+        assert pq.read_table(tmp_path / "ray" / shard).equals(
+            pq.read_table(tmp_path / "local" / shard)
+        )
