@@ -2,6 +2,7 @@
 
     python benchmarks/stream.py            # the README table (about a minute on 2 cores)
     python benchmarks/stream.py --quick    # fewer repeats, no 10,000-batch memory run
+    python benchmarks/stream.py --profile  # where an every-batch step spends its time
 
 Each case consumes its own iterator over one pool of distinct float32 batches (more bytes than
 the last-level cache holds, so every batch comes from memory, as in a real stream). The bound
@@ -133,13 +134,52 @@ def memory_growth(batches: int) -> tuple[float, float]:
     return before, rss_mb() - before
 
 
+def profile_every_batch(shape: tuple[int, int], top: int = 12) -> str:
+    """Self CPU time per batch of the ops in an every-batch transform (torch.profiler), next to
+    the bound's: what the remaining time goes to."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pool = batch_pool(shape)
+    transform = SparsifyTransform(DataNormSparsifier(**CONFIG))
+    ready_mask = torch.ones(shape)
+    batches = max(4, 2**24 // (shape[0] * shape[1]))
+    for batch in pool:
+        transform(batch)  # warm-up: scratch buffers, caches
+    timings = {}
+    for label, step in (("every batch", transform), ("bound", lambda b: b * ready_mask)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in itertools.islice(itertools.cycle(pool), batches):
+                step(batch)
+        timings[label] = sorted(
+            (
+                (e.self_cpu_time_total / batches, e.count // batches, e.key)
+                for e in prof.key_averages()
+            ),
+            reverse=True,
+        )
+    total = sum(t for t, _, _ in timings["every batch"])
+    bound = sum(t for t, _, _ in timings["bound"])
+    rows = [[op, calls, us, f"{us / total:.0%}"] for us, calls, op in timings["every batch"][:top]]
+    title = (
+        f"{shape[0]}x{shape[1]} every batch: {total:,.0f} us of op time per batch "
+        f"(bound: {bound:,.0f} us), top ops by self CPU time"
+    )
+    return table(title, ["op", "calls/batch", "us/batch", "share"], rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats, no memory run")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
+    parser.add_argument(
+        "--profile", action="store_true", help="per-op time of an every-batch step, no table"
+    )
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # torch.ao warns on every re-registration
     threads = setup_threads(args.threads)
+    if args.profile:
+        print("\n\n".join(profile_every_batch(shape) for shape in SHAPES))
+        return
     rows, identical = [], []
     for shape in SHAPES:
         shape_rows, same = measure_shape(shape, repeats=3 if args.quick else 7)

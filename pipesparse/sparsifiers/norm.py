@@ -7,8 +7,9 @@ towards the lower block index, so the result is deterministic everywhere.
 This runs once per batch, so it is built for speed while keeping the reference's masks bit
 for bit: block means by strided adds in avg_pool2d's own order, O(n) selection of the k-th
 block norm (a sampled bracket, then ``kthvalue`` on the few percent inside it; the reference
-sorts every block), and the kept blocks written straight into the mask through a broadcast
-view. Every op is a plain tensor op, so CUDA batches take the same path.
+sorts every block), and the kept blocks written straight into the mask. The streaming common
+case (one matrix, whole 1x2 / 1x4 blocks, float32) has its own shorter path,
+:func:`_write_whole_blocks`. Every op is a plain tensor op, so CUDA batches take the same path.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ _SAMPLE_MAX = 16384
 _SAMPLES: dict[tuple[int, int, str], torch.Tensor] = {}
 _WORKSPACE = threading.local()
 _WORKSPACE_MAX = 16  # buffers kept per thread; more shapes than that start over
+# A float32 mask row of one 1x2 / 1x4 block is 8 / 16 bytes: one complex64 / complex128 element
+_BLOCK_ROW_DTYPES = {2: torch.complex64, 4: torch.complex128}
+# up to here (8 MB of mask) the two interleaving passes of 1x4 rows run in cache and beat a
+# broadcast copy (which writes one float at a time) by 1.5-2x; beyond, the copy is faster
+_INTERLEAVED_MAX_BLOCKS = 2**19
+_EXACT_SUM_MIN = 2.0**-122  # from here up, dividing a sum by 2, 4, ... is exact (no subnormal)
 
 
 def _as_matrices(data: torch.Tensor) -> torch.Tensor:
@@ -82,25 +89,31 @@ def _tiles(height: int, width: int, block: tuple[int, int]) -> bool:
     )
 
 
-def _block_means(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """(B, rows, cols) mean of each block, bit-identical to ``avg_pool2d(ceil_mode=True)``.
+def _block_sums(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """(B, rows, cols) sum of each block where the blocks tile the matrix (:func:`_tiles`).
 
-    avg_pool2d adds a window's entries one by one (row by row) and divides the sum by the entry
-    count. Where blocks tile the matrix, the same additions are done here with one strided add
-    per position in the block (vectorised over all blocks, no pooling kernel), which is several
-    times faster."""
+    avg_pool2d adds a window's entries one by one (row by row), then divides by the entry count.
+    The same additions are done here with one strided add per position in the block (vectorised
+    over all blocks, no pooling kernel), which is several times faster."""
     batch, height, width = values.shape
     block_h, block_w = block
-    if not _tiles(height, width, block):
-        return F.avg_pool2d(values[:, None], block, block, ceil_mode=True)[:, 0]
     if block_h * block_w == 1:
         return values
     grid = values.view(batch, height // block_h, block_h, width // block_w, block_w)
     parts = [grid[:, :, i, :, j] for i in range(block_h) for j in range(block_w)]
-    total = torch.add(parts[0], parts[1], out=_scratch("block_means", parts[0]))
+    total = torch.add(parts[0], parts[1], out=_scratch("block_sums", parts[0]))
     for part in parts[2:]:
         total += part
-    return total.div_(block_h * block_w)
+    return total
+
+
+def _block_means(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """(B, rows, cols) mean of each block, bit-identical to ``avg_pool2d(ceil_mode=True)``."""
+    if not _tiles(values.shape[1], values.shape[2], block):
+        return F.avg_pool2d(values[:, None], block, block, ceil_mode=True)[:, 0]
+    per_block = block[0] * block[1]
+    sums = _block_sums(values, block)
+    return sums if per_block == 1 else sums.div_(per_block)
 
 
 def _sample_index(n: int, size: int, device: torch.device) -> torch.Tensor:
@@ -117,12 +130,15 @@ def _sample_index(n: int, size: int, device: torch.device) -> torch.Tensor:
     return index
 
 
-def _kth_by_sample(values: torch.Tensor, k: int) -> torch.Tensor | None:
-    """The exact ``k``-th smallest of a (N,) tensor, or None when the sample's bracket missed.
+def _kth_by_sample(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | None:
+    """The exact ``k``-th smallest of a (N,) tensor and how many values are <= it, or None when
+    the sample's bracket missed.
 
     Two order statistics of a sample bracket the k-th value; counting checks the bracket and
     only the values inside it (a few percent) go through ``kthvalue``. Exact whatever the
-    sample holds (NaN included): a bracket that fails the count falls back to full selection."""
+    sample holds (NaN included): a bracket that fails the count falls back to full selection.
+    The comparisons write 0/1 in the values' float dtype and are counted with ``sum``: on CPU
+    that is several times faster than bool outputs and ``count_nonzero``."""
     n = values.numel()
     size = min(_SAMPLE_MAX, round(n ** (2 / 3)))  # balances sample and bracket selection
     sample = values[_sample_index(n, size, values.device)]
@@ -131,16 +147,19 @@ def _kth_by_sample(values: torch.Tensor, k: int) -> torch.Tensor | None:
     lo_rank, hi_rank = math.floor(centre - spread), math.ceil(centre + spread)
     lo = sample.kthvalue(lo_rank).values if lo_rank >= 1 else -math.inf
     hi = sample.kthvalue(hi_rank).values if hi_rank <= size else math.inf
-    flags = _scratch("under", values, torch.bool), _scratch("upto", values, torch.bool)
-    under, upto = torch.lt(values, lo, out=flags[0]), torch.le(values, hi, out=flags[1])
-    # NaN is in neither: it ranks above the bracket
-    below = int(under.count_nonzero())
+    under = torch.lt(values, lo, out=_scratch("under", values))
+    upto = torch.le(values, hi, out=_scratch("upto", values))
+    # NaN is in neither: it ranks above the bracket. Float sums of 0/1 are exact below 2**24.
+    below = int(under.sum() if n < 2**24 else under.sum(dtype=torch.float64))
+    inside = values[upto.sub_(under).bool()]
     need = k - below  # rank of the k-th value among the values inside the bracket
-    if not 1 <= need <= int(upto.count_nonzero()) - below:
+    if not 1 <= need <= inside.numel():
         return None
-    threshold = values[upto.ne_(under)].kthvalue(need).values  # inside: upto and not under
+    threshold = inside.kthvalue(need).values
     # an infinite k-th value ties with NaN, which the bracket left out: full selection then
-    return threshold if math.isfinite(threshold) else None
+    if not math.isfinite(threshold):
+        return None
+    return threshold, below + int(torch.le(inside, threshold).sum())
 
 
 def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -148,14 +167,16 @@ def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
     NaN ranks as +inf (ties with it). O(N) selection, no sort: a sampled bracket for one long
     row, ``kthvalue`` along the rows otherwise."""
-    threshold = None
+    found = None
     if values.shape[0] == 1 and values.shape[1] >= _SAMPLED_SELECTION_MIN:
-        threshold = _kth_by_sample(values[0], k)
-    if threshold is None:
+        found = _kth_by_sample(values[0], k)
+    if found is None:
         values = values.nan_to_num(math.inf, math.inf, -math.inf)  # NaN sorts last, as inf
         threshold = values.kthvalue(k, dim=1, keepdim=True).values
+    else:
+        threshold = found[0]
     chosen = torch.le(values, threshold, out=_scratch("chosen", values, torch.bool))
-    if int(chosen.count_nonzero()) == k * values.shape[0]:
+    if (found[1] if found else int(chosen.count_nonzero())) == k * values.shape[0]:
         return chosen
     # ties at the threshold (a few entries): keep the lowest-index ones that still fit
     below = values < threshold
@@ -221,6 +242,62 @@ def _drop_mask(
         lowest = lowest.view(batch, rows, cols, block_h, block_w).transpose(2, 3)
         drop = removed & lowest
     return drop.reshape(batch, rows * block_h, cols * block_w)[:, :height, :width]
+
+
+@torch.no_grad()  # scratch buffers are written with out=, which autograd refuses
+def _write_whole_blocks(
+    mask: torch.Tensor,
+    data: torch.Tensor,
+    sparsity_level: float,
+    block: tuple[int, int],
+    zeros_per_block: int | None,
+    norm: str,
+) -> bool:
+    """The streaming common case in a few passes over the batch; False (nothing written) when
+    it does not apply, and the general path runs.
+
+    Applies to one matrix of at least ``_SAMPLED_SELECTION_MIN`` whole 1x2 or 1x4 blocks that
+    tile it, 0 < sparsity < 1 and a contiguous float32 mask. Blocks are ranked by their sums:
+    dividing by 2 or 4 is exact above ``_EXACT_SUM_MIN``, so the order is the block means'.
+    Each block's mask row is written as one complex64 / complex128 element holding its two /
+    four 0 or 1.0f entries: a contiguous, vectorised write (a broadcast copy into 2 or 4 floats
+    per block runs an element at a time and costs about twice as much while in cache)."""
+    block_h, block_w = block
+    if (
+        block_h != 1
+        or block_w not in _BLOCK_ROW_DTYPES
+        or zeros_per_block not in (None, block_w)
+        or not 0 < sparsity_level < 1
+        or mask.dtype != torch.float32
+        or not mask.is_contiguous()
+        or mask.storage_offset() % block_w
+    ):
+        return False
+    count = data.numel() // block_w
+    if count < _SAMPLED_SELECTION_MIN:
+        return False
+    matrices = _as_matrices(data)
+    if matrices.shape[0] != 1 or matrices.shape[2] % block_w:
+        return False
+    k = round(sparsity_level * count)
+    if not 0 < k < count:
+        return False
+    sums = _block_sums(_elementwise_norm(matrices, norm), block).view(-1)
+    found = _kth_by_sample(sums, k)
+    if found is None or found[1] != k or not float(found[0]) >= _EXACT_SUM_MIN:
+        return False  # ties at the threshold, a missed bracket or tiny sums: general path
+    # kept: not (sum <= threshold), so NaN is kept; -1 + 1 is +0, never -0.0
+    keep = torch.le(sums, found[0], out=_scratch("keep", sums)).neg_().add_(1)
+    # interleaving the 0/1.0f of each block with itself gives its mask row: 2 floats, then 4
+    rows = mask.view(-1).view(_BLOCK_ROW_DTYPES[block_w])
+    if block_w == 2:
+        torch.complex(keep, keep, out=rows)
+    elif count <= _INTERLEAVED_MAX_BLOCKS:
+        pairs = torch.complex(keep, keep, out=_scratch("pairs", keep, torch.complex64))
+        torch.complex(pairs.view(torch.float64), pairs.view(torch.float64), out=rows)
+    else:  # the 4-float rows in two passes move more memory than one broadcast copy
+        mask.view(count, block_w).copy_(keep.view(count, 1))
+    return True
 
 
 def norm_keep_mask(
@@ -310,6 +387,8 @@ class DataNormSparsifier(BaseDataSparsifier):
     ) -> None:
         mask = self.get_mask(name)
         block = tuple(sparse_block_shape)
+        if _write_whole_blocks(mask, data, sparsity_level, block, zeros_per_block, self.norm):
+            return
         plan = _plan(data, sparsity_level, block, zeros_per_block, self.norm)
         if plan is None:
             mask.fill_(1)

@@ -70,3 +70,96 @@ def test_masks_stay_right_when_the_shape_changes_between_batches():
 def test_norm_keep_mask_accepts_data_that_requires_grad():
     x = torch.randn(4, 8, requires_grad=True)
     assert norm_keep_mask(x, 0.5, (1, 4), None).sum() == 16
+
+
+def _general_mask(x, level, block, zeros, rule):
+    """The mask of the general path (``_plan`` + ``_drop_mask``), which the fast path skips."""
+    return norm_keep_mask(x, level, block, zeros, rule)
+
+
+def _step(x, level, block, zeros, rule):
+    sparsifier = DataNormSparsifier(
+        sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=rule
+    )
+    sparsifier.add_data("x", x)
+    storage = sparsifier.get_mask("x").data_ptr()
+    sparsifier.step()
+    mask = sparsifier.get_mask("x")
+    assert mask.data_ptr() == storage  # written in place: shared-memory masks stay shared
+    return mask
+
+
+@pytest.fixture
+def whole_block_calls(monkeypatch):
+    """Records whether each mask update took the whole-block fast path."""
+    taken = []
+    original = norm._write_whole_blocks
+
+    def spy(*args):
+        taken.append(original(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(norm, "_write_whole_blocks", spy)
+    return taken
+
+
+@pytest.mark.parametrize("block", [(1, 2), (1, 4)])
+@pytest.mark.parametrize("rule", ["L1", "L2"])
+@pytest.mark.parametrize("level", [0.5, 0.03, 0.97])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "broadcast"])
+def test_whole_block_fast_path_matches_reference(
+    block, rule, level, interleaved, whole_block_calls, monkeypatch
+):
+    if not interleaved:  # the write used for masks too big for the cache
+        monkeypatch.setattr(norm, "_INTERLEAVED_MAX_BLOCKS", 0)
+    # 256 x 512: 65536 1x2 or 32768 1x4 blocks, enough for the sampled selection
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(7))
+    mask = _step(x, level, block, None, rule)
+    assert whole_block_calls == [True]
+    assert torch.equal(mask.bool(), _reference_mask(x, level, block, None, rule))
+    # the mask holds exactly +0.0 and 1.0 (no -0.0 bit patterns), as the general path writes
+    assert set(mask.view(torch.int32).unique().tolist()) == {0, 0x3F800000}
+
+
+def test_whole_block_fast_path_keeps_nan_blocks_like_the_general_path(whole_block_calls):
+    x = torch.randn(1, 256, 512, generator=torch.Generator().manual_seed(8))
+    x.view(-1)[::101] = math.nan
+    mask = _step(x, 0.5, (1, 4), 4, "L1")
+    assert whole_block_calls == [True]
+    assert torch.equal(mask.bool(), _general_mask(x, 0.5, (1, 4), 4, "L1"))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randint(-2, 3, (256, 512), generator=g).float(),  # ties at the threshold
+        lambda g: torch.randn(256, 512, generator=g) * 1e-39,  # sums too small to rank exactly
+    ],
+    ids=["ties", "subnormal"],
+)
+def test_whole_block_fast_path_hands_ties_and_tiny_sums_to_the_general_path(
+    make, whole_block_calls
+):
+    x = make(torch.Generator().manual_seed(9))
+    mask = _step(x, 0.5, (1, 4), None, "L1")
+    assert whole_block_calls == [False]
+    assert torch.equal(mask.bool(), _general_mask(x, 0.5, (1, 4), None, "L1"))
+
+
+@pytest.mark.parametrize(
+    "shape,block,zeros,level",
+    [
+        ((256, 512), (2, 2), None, 0.5),  # not a 1xW block
+        ((256, 512), (1, 4), 2, 0.5),  # part of each block
+        ((256, 512), (1, 4), None, 1.0),  # every block
+        ((2, 128, 512), (1, 4), None, 0.5),  # a batch of matrices
+        ((64, 512), (1, 4), None, 0.5),  # too few blocks to sample
+    ],
+)
+def test_whole_block_fast_path_applies_only_to_its_case(
+    shape, block, zeros, level, whole_block_calls
+):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(10))
+    mask = _step(x, level, block, zeros, "L1")
+    assert whole_block_calls == [False]
+    assert torch.equal(mask.bool(), _general_mask(x, level, block, zeros, "L1"))
