@@ -55,7 +55,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--columns", required=True, help="columns to sparsify: COL[,COL]")
     parser.add_argument(
-        "--batch-rows", type=_positive, default=1024, help="rows per batch (bounds memory)"
+        "--batch-rows", type=_positive, default=8192, help="rows per batch (bounds memory)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar, summary only")
 

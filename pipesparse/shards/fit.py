@@ -36,7 +36,7 @@ def fit(
     out: str | Path,
     sparsifier: str = "norm",
     config: dict[str, Any] | None = None,
-    batch_rows: int = 1024,
+    batch_rows: int = 8192,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Fit one mask per column on all rows of ``inputs`` and write it to ``out`` atomically.

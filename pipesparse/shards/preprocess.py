@@ -81,7 +81,7 @@ def preprocess(
     out_format: str = "dense",
     engine: str = "local",
     workers: int = 1,
-    batch_rows: int = 1024,
+    batch_rows: int = 8192,
     overwrite: bool = False,
     quiet: bool = False,
 ) -> Summary:
