@@ -5,12 +5,9 @@
     python benchmarks/shards.py --no-ray   # local engine only
 
 Parquet shards with a ``list<float32>`` column (random values, so they barely compress) and an
-id column. The baseline reads each shard with pyarrow and writes it back unchanged, with
-pyarrow's default options (snappy, every column dictionary-encoded) and the row groups
-``preprocess`` writes (one per batch). Two more copies: pyarrow's default row groups (one per
-shard here; a dictionary that fills up early falls back to plain encoding for the rest), and
-the float column without a dictionary, as ``preprocess`` writes it. ``preprocess`` runs the
-whole job: checksums, atomic writes, the manifest. Rule: DataNormSparsifier, L1, 1x4 blocks,
+id column. The baseline reads each shard with pyarrow and writes it back unchanged
+(``pq.read_table`` + ``pq.write_table``, pyarrow's defaults: snappy, dictionary encoding with
+fallback to plain), the options ``preprocess`` writes with. ``preprocess`` runs the whole job: checksums, atomic writes, the manifest. Rule: DataNormSparsifier, L1, 1x4 blocks,
 sparsity 0.5, every row its own mask (no --state) or one frozen mask from ``fit`` (--state).
 Ray runs once per worker count over all shards, after an untimed warm-up run.
 """
@@ -35,7 +32,6 @@ from _common import THREADS, interleaved, setup_threads, table  # noqa: E402
 
 from pipesparse.shards.fit import fit  # noqa: E402
 from pipesparse.shards.preprocess import preprocess  # noqa: E402
-from pipesparse.shards.writer import dictionary_columns  # noqa: E402
 
 CONFIG = {"sparsity_level": 0.5, "sparse_block_shape": (1, 4), "norm": "L1"}
 SHARDS, ROWS, FEATURES = 4, 8192, 512
@@ -110,11 +106,6 @@ def main(argv: list[str] | None = None) -> None:
         fit(paths, "x", state, sparsifier="norm", config=CONFIG, quiet=True)
         cases = {
             "copy": copy_case(paths, work / "copy"),
-            "copy_plain": copy_case(
-                paths,
-                work / "copy_plain",
-                use_dictionary=dictionary_columns(pq.read_schema(paths[0])),
-            ),
             "per_row": preprocess_case(paths, work / "per_row", sparsifier="norm", config=CONFIG),
             "frozen": preprocess_case(paths, work / "frozen", state=str(state)),
         }
@@ -148,7 +139,6 @@ def main(argv: list[str] | None = None) -> None:
     copy = seconds["copy"]
     labels = {
         "copy": "pyarrow read + write copy (baseline)",
-        "copy_plain": "pyarrow copy, floats without dictionary",
         "per_row": "preprocess, local, a mask per row",
         "frozen": "preprocess, local, frozen mask (--state)",
         "ray1": "preprocess, ray, 1 worker, a mask per row",
@@ -179,8 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{threads} threads. Median of runs (Ray: one run of each, start-up of "
         "its dataset and actors included, after an untimed warm-up run). '% of copy' = copy time / case time: throughput relative to "
         "the baseline. The baseline is a plain copy: pq.read_table + pq.write_table with "
-        "pyarrow's defaults (snappy, dictionary encoding); the second copy writes the float "
-        "column without a dictionary, as preprocess does (the fastest plain copy)."
+        "pyarrow's defaults (snappy, dictionary encoding), as preprocess writes."
     )
     print(table(title, ["case", "rows/s", "MB/s", "% of copy"], rows))
 

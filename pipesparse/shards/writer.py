@@ -17,7 +17,6 @@ __all__ = [
     "SCRATCH_PREFIX",
     "ShardWriter",
     "atomic_write_bytes",
-    "dictionary_columns",
     "remove_temp_files",
 ]
 
@@ -68,29 +67,13 @@ def remove_temp_files(folder: str | Path) -> list[Path]:
     return scratch + leftovers
 
 
-def dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The Parquet leaf columns of ``schema`` to dictionary-encode: all but floating-point ones.
-
-    Float values (sparsified ones above all) rarely repeat, so a dictionary for them is work
-    for nothing: building it took three quarters of a shard's write time, and Parquet writers
-    fall back to plain encoding anyway once it is full. Ids, labels and text keep theirs."""
-    sink = pa.BufferOutputStream()
-    pq.ParquetWriter(sink, schema).close()
-    leaves = pq.read_metadata(pa.BufferReader(sink.getvalue())).schema
-    columns = (leaves.column(i) for i in range(len(leaves)))
-    return [
-        c.path
-        for c in columns
-        if c.physical_type not in ("FLOAT", "DOUBLE") and c.logical_type.type != "FLOAT16"
-    ]
-
-
 class ShardWriter:
     """One output shard: Parquet batches go to a temp file; :meth:`commit` publishes it.
 
     Used as a context manager, an exception before :meth:`commit` deletes the temp file.
-    Default ``ParquetWriter`` options (snappy, one row group per written table), except that
-    float columns are not dictionary-encoded (see :func:`dictionary_columns`).
+    Default ``ParquetWriter`` options (snappy, dictionary encoding with pyarrow's fallback to
+    plain, one row group per written table): sparsified values often repeat (zeros, quantized
+    or pixel data), and the dictionary is what keeps such shards small.
 
     Args:
         path: final path of the shard.
@@ -103,9 +86,7 @@ class ShardWriter:
         self.rows = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._temp = _temp_path(self.path)
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
-            self._temp, schema, use_dictionary=dictionary_columns(schema)
-        )
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._temp, schema)
 
     def write(self, table: pa.Table) -> None:
         self._writer.write_table(table)
