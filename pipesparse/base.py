@@ -18,7 +18,7 @@ from torch import nn
 
 from pipesparse.errors import CorruptStateError, UnknownDataError
 
-__all__ = ["BaseDataSparsifier", "STATE_FORMAT"]
+__all__ = ["BaseDataSparsifier", "STATE_FORMAT", "apply_mask"]
 
 STATE_FORMAT = "pipesparse.data_sparsifier/1"
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
@@ -59,7 +59,7 @@ def _check_name(name: Any) -> None:
         raise ValueError(f"invalid data name {name!r}: it must be a non-empty string without '.'")
 
 
-def _masked(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def apply_mask(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``data * mask`` in the data's own dtype (a float mask must not promote float16 data)."""
     out = data * mask
     return out if out.dtype == data.dtype else out.to(data.dtype)
@@ -150,7 +150,7 @@ class BaseDataSparsifier(abc.ABC):
             and name not in self._squashed
         ):  # the per-batch path: a dictionary update
             self._data[name] = tensor
-            return _masked(tensor, mask)
+            return apply_mask(tensor, mask)
 
         _check_name(name)
         self._validate_data(name, tensor)
@@ -172,7 +172,7 @@ class BaseDataSparsifier(abc.ABC):
         self.state[name] = {"mask": mask}
         self._data[name] = tensor
         self._squashed.discard(name)
-        return _masked(tensor, mask)
+        return apply_mask(tensor, mask)
 
     def _require(self, name: str) -> None:
         if name not in self.data_groups:
@@ -197,7 +197,7 @@ class BaseDataSparsifier(abc.ABC):
                     f"mask of {name!r} was squashed: the original data no longer exists"
                 )
             return data
-        return data if return_original else _masked(data, self.state[name]["mask"])
+        return data if return_original else apply_mask(data, self.state[name]["mask"])
 
     def is_squashed(self, name: str) -> bool:
         """Whether ``squash_mask`` stopped masking ``name`` (``step`` then skips it)."""
@@ -252,7 +252,7 @@ class BaseDataSparsifier(abc.ABC):
                 if name in self._squashed or data is None:
                     continue
                 if leave_parametrized:
-                    data.copy_(_masked(data, self.state[name]["mask"]))
+                    data.copy_(apply_mask(data, self.state[name]["mask"]))
                 self._squashed.add(name)
 
     # -- state ------------------------------------------------------------------------------

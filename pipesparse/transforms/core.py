@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from pipesparse.base import BaseDataSparsifier
+from pipesparse.base import BaseDataSparsifier, apply_mask
 from pipesparse.errors import CorruptStateError
 from pipesparse.transforms import _structure
 
@@ -288,8 +288,7 @@ class SparsifyTransform:
             and torch.can_cast(torch.result_type(tensor, mask), tensor.dtype)
         ):
             return tensor.mul_(mask)
-        out = tensor * mask
-        return out if out.dtype == tensor.dtype else out.to(tensor.dtype)
+        return apply_mask(tensor, mask)
 
     def _to_tensor(self, entry: Any) -> torch.Tensor:
         if isinstance(entry, np.ndarray):
