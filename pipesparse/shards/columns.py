@@ -99,6 +99,20 @@ def _first(mask: pa.Array) -> int:
     return int(pc.index(mask, True).as_py())
 
 
+def _reject_nulls(
+    values: pa.Array, what: str, file: str, column: str, row_offset: int, per_row: int
+) -> None:
+    """ShardError naming the row of the first null ``what`` (a list or a value)."""
+    if values.null_count:
+        index = _first(values.is_null())
+        raise ShardError(
+            file,
+            f"row holds a null {what}; rows must be complete",
+            column,
+            row_offset + index // per_row,
+        )
+
+
 def to_tensor(
     array: pa.Array | pa.ChunkedArray, spec: ColumnSpec, file: str, row_offset: int
 ) -> torch.Tensor:
@@ -117,14 +131,7 @@ def to_tensor(
     current: pa.Array = array
     per_row = 1
     for depth, size in enumerate(spec.shape):
-        if current.null_count:
-            index = _first(current.is_null())
-            raise ShardError(
-                file,
-                "row holds a null list; rows must be complete",
-                spec.name,
-                row_offset + index // per_row,
-            )
+        _reject_nulls(current, "list", file, spec.name, row_offset, per_row)
         lengths = pc.list_value_length(current)
         bad = _first(pc.not_equal(lengths, size))
         if bad >= 0:
@@ -137,14 +144,7 @@ def to_tensor(
             )
         current = current.flatten()
         per_row *= size
-    if current.null_count:
-        index = _first(current.is_null())
-        raise ShardError(
-            file,
-            "row holds a null value; rows must be complete",
-            spec.name,
-            row_offset + index // per_row,
-        )
+    _reject_nulls(current, "value", file, spec.name, row_offset, per_row)
     values = current.to_numpy(zero_copy_only=False).reshape(rows, *spec.shape)
     if pa.types.is_integer(leaf):
         values = values.astype(np.float64)
