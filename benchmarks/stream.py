@@ -2,7 +2,7 @@
 
     python benchmarks/stream.py            # the README table (about a minute on 2 cores)
     python benchmarks/stream.py --quick    # fewer repeats, no 10,000-batch memory run
-    python benchmarks/stream.py --profile  # where an every-batch step spends its time
+    python benchmarks/stream.py --profile  # where an every-batch step spends its time, by phase
 
 Each case consumes its own iterator over one pool of distinct float32 batches (more bytes than
 the last-level cache holds, so every batch comes from memory, as in a real stream). The bound
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -134,37 +136,70 @@ def memory_growth(batches: int) -> tuple[float, float]:
     return before, rss_mb() - before
 
 
-def profile_every_batch(shape: tuple[int, int], top: int = 12) -> str:
-    """Self CPU time per batch of the ops in an every-batch transform (torch.profiler), next to
-    the bound's: what the remaining time goes to."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_every_batch(shape: tuple[int, int]) -> str:
+    """Where an every-batch step's time goes (median microseconds per batch over the batch
+    stream): the CPU kernel's three phases run one by one, the masked multiply, and what is
+    left of a whole transform call (the Python around them), next to the bound."""
+    from pipesparse.sparsifiers import _norm_kernel as kernel
 
     pool = batch_pool(shape)
     transform = SparsifyTransform(DataNormSparsifier(**CONFIG))
-    ready_mask = torch.ones(shape)
-    batches = max(4, 2**24 // (shape[0] * shape[1]))
-    for batch in pool:
-        transform(batch)  # warm-up: scratch buffers, caches
-    timings = {}
-    for label, step in (("every batch", transform), ("bound", lambda b: b * ready_mask)):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for batch in itertools.islice(itertools.cycle(pool), batches):
-                step(batch)
-        timings[label] = sorted(
-            (
-                (e.self_cpu_time_total / batches, e.count // batches, e.key)
-                for e in prof.key_averages()
-            ),
-            reverse=True,
+    mask = torch.ones(shape)
+    blocks = shape[0] * shape[1] // 4
+    k = round(CONFIG["sparsity_level"] * blocks)
+    (
+        sums,
+        bits,
+        keys,
+        per_chunk,
+        cand_keys,
+        cand_index,
+        counts,
+        bracket,
+        magnitude,
+        inf,
+        key_bits,
+        digit_bits,
+    ) = kernel._buffers(*shape, torch.float32, (1, 4))
+    found = {}
+
+    def keys_pass(batch):
+        kernel._keys(batch.numpy(), False, 1, 4, sums, bits, keys, magnitude, inf)
+
+    def selection(batch):
+        found["threshold"] = kernel._threshold(
+            keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
         )
-    total = sum(t for t, _, _ in timings["every batch"])
-    bound = sum(t for t, _, _ in timings["bound"])
-    rows = [[op, calls, us, f"{us / total:.0%}"] for us, calls, op in timings["every batch"][:top]]
-    title = (
-        f"{shape[0]}x{shape[1]} every batch: {total:,.0f} us of op time per batch "
-        f"(bound: {bound:,.0f} us), top ops by self CPU time"
-    )
-    return table(title, ["op", "calls/batch", "us/batch", "share"], rows)
+
+    def mask_write(batch):
+        x = batch.numpy()
+        kernel._write(x, 1, 4, keys, *found["threshold"], mask.numpy(), x, False)
+
+    phases = {
+        "whole transform call": transform,
+        "kernel: keys pass (block means -> sort keys)": keys_pass,
+        "kernel: exact k-th key (bracket + radix)": selection,
+        "kernel: mask write": mask_write,
+        "masked view (batch * mask)": lambda batch: batch * mask,
+    }
+    times: dict[str, list[float]] = {name: [] for name in phases}
+    for batch in pool[:4]:
+        for step in phases.values():
+            step(batch)
+    for i, batch in enumerate(pool):
+        other = pool[(i + len(pool) // 2) % len(pool)]  # a batch the phases have not touched
+        for name, step in phases.items():  # the phases in turn on one batch, from memory
+            start = time.perf_counter()
+            step(other if name == "whole transform call" else batch)
+            times[name].append(time.perf_counter() - start)
+    us = {name: statistics.median(values) * 1e6 for name, values in times.items()}
+    whole = us.pop("whole transform call")
+    us["rest (transform Python, kernel dispatch)"] = whole - sum(us.values())
+    rows = [[name, value, f"{value / whole:.0%}"] for name, value in us.items()]
+    rows.append(["whole transform call", whole, "100%"])
+    rows.append(["bound (batch * ready mask), for scale", us["masked view (batch * mask)"], ""])
+    title = f"{shape[0]}x{shape[1]} every batch: median us per batch, one phase at a time"
+    return table(title, ["phase", "us/batch", "share"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats, no memory run")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
     parser.add_argument(
-        "--profile", action="store_true", help="per-op time of an every-batch step, no table"
+        "--profile", action="store_true", help="time per phase of an every-batch step, no table"
     )
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # torch.ao warns on every re-registration

@@ -5,17 +5,16 @@ matrices, each masked on its own (1-D data is one row, 0-D one element). Ties ar
 towards the lower block index, so the result is deterministic everywhere.
 
 This runs once per batch, so it is built for speed while keeping the reference's masks bit
-for bit: block means by strided adds in avg_pool2d's own order, O(n) selection of the k-th
-block norm (a sampled bracket, then ``kthvalue`` on the few percent inside it; the reference
-sorts every block), and the kept blocks written straight into the mask. The streaming common
-case (one matrix, whole 1x2 / 1x4 blocks, float32) has its own shorter path,
-:func:`_write_whole_blocks`. Every op is a plain tensor op, so CUDA batches take the same path.
-"""
+for bit. On CPU one compiled kernel (:mod:`._norm_kernel`) does it in two passes over the
+batch. Elsewhere (CUDA) plain tensor ops do the same: block means by strided adds in
+avg_pool2d's own order, O(n) selection of the k-th block norm (a sampled bracket, then
+``kthvalue`` on the few percent inside it; the reference sorts every block), and the kept
+blocks written into the mask. :func:`norm_keep_mask` is that tensor-op path, the oracle the
+kernel is tested against."""
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +22,8 @@ import torch
 from torch.nn import functional as F
 
 from pipesparse.base import BaseDataSparsifier
+from pipesparse.sparsifiers import _norm_kernel
+from pipesparse.sparsifiers._scratch import scratch
 
 __all__ = ["DataNormSparsifier"]
 
@@ -31,14 +32,6 @@ _MAX_SUMMED_BLOCK = 16  # larger blocks: one avg_pool2d beats that many strided 
 _SAMPLED_SELECTION_MIN = 32768  # rows of fewer block norms: plain kthvalue
 _SAMPLE_MAX = 16384
 _SAMPLES: dict[tuple[int, int, str], torch.Tensor] = {}
-_WORKSPACE = threading.local()
-_WORKSPACE_MAX = 16  # buffers kept per thread; more shapes than that start over
-# A float32 mask row of one 1x2 / 1x4 block is 8 / 16 bytes: one complex64 / complex128 element
-_BLOCK_ROW_DTYPES = {2: torch.complex64, 4: torch.complex128}
-# up to here (8 MB of mask) the two interleaving passes of 1x4 rows run in cache and beat a
-# broadcast copy (which writes one float at a time) by 1.5-2x; beyond, the copy is faster
-_INTERLEAVED_MAX_BLOCKS = 2**19
-_EXACT_SUM_MIN = 2.0**-122  # from here up, dividing a sum by 2, 4, ... is exact (no subnormal)
 
 
 def _as_matrices(data: torch.Tensor) -> torch.Tensor:
@@ -50,30 +43,11 @@ def _as_matrices(data: torch.Tensor) -> torch.Tensor:
     return data.reshape(-1, data.shape[-2], data.shape[-1])
 
 
-def _scratch(role: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A buffer of ``like``'s shape reused by this thread from batch to batch.
-
-    Per-batch temporaries as big as the batch would otherwise be fresh pages each time (the
-    allocator hands large blocks back to the OS): on CPU the page faults cost about as much
-    as the arithmetic. Only for values consumed within one mask update."""
-    buffers = getattr(_WORKSPACE, "buffers", None)
-    if buffers is None:
-        buffers = _WORKSPACE.buffers = {}
-    dtype = like.dtype if dtype is None else dtype
-    key = (role, tuple(like.shape), dtype, like.device)
-    buffer = buffers.get(key)
-    if buffer is None:
-        if len(buffers) >= _WORKSPACE_MAX:
-            buffers.clear()
-        buffer = buffers[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
-    return buffer
-
-
 def _elementwise_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
-    """|x| or x*x, in float32 or wider, into a scratch buffer (see :func:`_scratch`)."""
+    """|x| or x*x, in float32 or wider, into a scratch buffer."""
     if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point():
         x = x.float()  # pooling in half precision loses the order of close norms
-    out = _scratch("norm", x)
+    out = scratch("norm", x.shape, x.dtype, x.device)
     return torch.abs(x, out=out) if norm == "L1" else torch.mul(x, x, out=out)
 
 
@@ -101,7 +75,11 @@ def _block_sums(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
         return values
     grid = values.view(batch, height // block_h, block_h, width // block_w, block_w)
     parts = [grid[:, :, i, :, j] for i in range(block_h) for j in range(block_w)]
-    total = torch.add(parts[0], parts[1], out=_scratch("block_sums", parts[0]))
+    total = torch.add(
+        parts[0],
+        parts[1],
+        out=scratch("block_sums", parts[0].shape, parts[0].dtype, parts[0].device),
+    )
     for part in parts[2:]:
         total += part
     return total
@@ -147,8 +125,8 @@ def _kth_by_sample(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | N
     lo_rank, hi_rank = math.floor(centre - spread), math.ceil(centre + spread)
     lo = sample.kthvalue(lo_rank).values if lo_rank >= 1 else -math.inf
     hi = sample.kthvalue(hi_rank).values if hi_rank <= size else math.inf
-    under = torch.lt(values, lo, out=_scratch("under", values))
-    upto = torch.le(values, hi, out=_scratch("upto", values))
+    under = torch.lt(values, lo, out=scratch("under", values.shape, values.dtype, values.device))
+    upto = torch.le(values, hi, out=scratch("upto", values.shape, values.dtype, values.device))
     # NaN is in neither: it ranks above the bracket. Float sums of 0/1 are exact below 2**24.
     below = int(under.sum() if n < 2**24 else under.sum(dtype=torch.float64))
     inside = values[upto.sub_(under).bool()]
@@ -175,7 +153,9 @@ def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
         threshold = values.kthvalue(k, dim=1, keepdim=True).values
     else:
         threshold = found[0]
-    chosen = torch.le(values, threshold, out=_scratch("chosen", values, torch.bool))
+    chosen = torch.le(
+        values, threshold, out=scratch("chosen", values.shape, torch.bool, values.device)
+    )
     if (found[1] if found else int(chosen.count_nonzero())) == k * values.shape[0]:
         return chosen
     # ties at the threshold (a few entries): keep the lowest-index ones that still fit
@@ -198,29 +178,30 @@ def _lowest_in_block(blocks: torch.Tensor, zeros: int) -> torch.Tensor:
     return rank < zeros
 
 
-@torch.no_grad()  # scratch buffers are written with out=, which autograd refuses
-def _plan(
-    data: torch.Tensor,
-    sparsity_level: float,
-    block: tuple[int, int],
-    zeros_per_block: int | None,
-    norm: str,
-) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """What to drop: (removed blocks (B, rows, cols) bool, norms (B, H, W), zeros per block),
-    or None when nothing is dropped."""
+def _blocks_to_drop(
+    data: torch.Tensor, sparsity_level: float, block: tuple[int, int], zeros_per_block: int | None
+) -> tuple[int, int]:
+    """(blocks to drop per matrix, entries to zero in each): (0, _) when nothing is dropped."""
     per_block = block[0] * block[1]
     zeros = per_block if zeros_per_block is None else zeros_per_block
     if data.numel() == 0 or sparsity_level <= 0 or zeros == 0:
-        return None
+        return 0, zeros
+    height, width = _as_matrices(data).shape[1:]
+    num_blocks = -(-height // block[0]) * -(-width // block[1])
+    # level >= 1 (also inf, which round() rejects) removes every block
+    return (num_blocks if sparsity_level >= 1 else round(sparsity_level * num_blocks)), zeros
+
+
+@torch.no_grad()  # scratch buffers are written with out=, which autograd refuses
+def _plan(
+    data: torch.Tensor, k: int, block: tuple[int, int], norm: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the tensor-op path drops: (removed blocks (B, rows, cols) bool, norms (B, H, W))."""
     values = _elementwise_norm(_as_matrices(data), norm)
     block_norms = _block_means(values, block)
     batch, rows, cols = block_norms.shape
-    num_blocks = rows * cols  # level >= 1 (also inf, which round() rejects) removes all
-    k = num_blocks if sparsity_level >= 1 else round(sparsity_level * num_blocks)
-    if k == 0:
-        return None
     removed = _smallest(block_norms.reshape(batch, rows * cols), k).view(batch, rows, cols)
-    return removed, values, zeros
+    return removed, values
 
 
 def _drop_mask(
@@ -244,62 +225,6 @@ def _drop_mask(
     return drop.reshape(batch, rows * block_h, cols * block_w)[:, :height, :width]
 
 
-@torch.no_grad()  # scratch buffers are written with out=, which autograd refuses
-def _write_whole_blocks(
-    mask: torch.Tensor,
-    data: torch.Tensor,
-    sparsity_level: float,
-    block: tuple[int, int],
-    zeros_per_block: int | None,
-    norm: str,
-) -> bool:
-    """The streaming common case in a few passes over the batch; False (nothing written) when
-    it does not apply, and the general path runs.
-
-    Applies to one matrix of at least ``_SAMPLED_SELECTION_MIN`` whole 1x2 or 1x4 blocks that
-    tile it, 0 < sparsity < 1 and a contiguous float32 mask. Blocks are ranked by their sums:
-    dividing by 2 or 4 is exact above ``_EXACT_SUM_MIN``, so the order is the block means'.
-    Each block's mask row is written as one complex64 / complex128 element holding its two /
-    four 0 or 1.0f entries: a contiguous, vectorised write (a broadcast copy into 2 or 4 floats
-    per block runs an element at a time and costs about twice as much while in cache)."""
-    block_h, block_w = block
-    if (
-        block_h != 1
-        or block_w not in _BLOCK_ROW_DTYPES
-        or zeros_per_block not in (None, block_w)
-        or not 0 < sparsity_level < 1
-        or mask.dtype != torch.float32
-        or not mask.is_contiguous()
-        or mask.storage_offset() % block_w
-    ):
-        return False
-    count = data.numel() // block_w
-    if count < _SAMPLED_SELECTION_MIN:
-        return False
-    matrices = _as_matrices(data)
-    if matrices.shape[0] != 1 or matrices.shape[2] % block_w:
-        return False
-    k = round(sparsity_level * count)
-    if not 0 < k < count:
-        return False
-    sums = _block_sums(_elementwise_norm(matrices, norm), block).view(-1)
-    found = _kth_by_sample(sums, k)
-    if found is None or found[1] != k or not float(found[0]) >= _EXACT_SUM_MIN:
-        return False  # ties at the threshold, a missed bracket or tiny sums: general path
-    # kept: not (sum <= threshold), so NaN is kept; -1 + 1 is +0, never -0.0
-    keep = torch.le(sums, found[0], out=_scratch("keep", sums)).neg_().add_(1)
-    # interleaving the 0/1.0f of each block with itself gives its mask row: 2 floats, then 4
-    rows = mask.view(-1).view(_BLOCK_ROW_DTYPES[block_w])
-    if block_w == 2:
-        torch.complex(keep, keep, out=rows)
-    elif count <= _INTERLEAVED_MAX_BLOCKS:
-        pairs = torch.complex(keep, keep, out=_scratch("pairs", keep, torch.complex64))
-        torch.complex(pairs.view(torch.float64), pairs.view(torch.float64), out=rows)
-    else:  # the 4-float rows in two passes move more memory than one broadcast copy
-        mask.view(count, block_w).copy_(keep.view(count, 1))
-    return True
-
-
 def norm_keep_mask(
     data: torch.Tensor,
     sparsity_level: float,
@@ -307,12 +232,14 @@ def norm_keep_mask(
     zeros_per_block: int | None,
     norm: str = "L1",
 ) -> torch.Tensor:
-    """Bool mask of ``data``'s shape: True where the value is kept."""
+    """Bool mask of ``data``'s shape, True where the value is kept, by the tensor-op path (any
+    device and dtype; the compiled kernel must agree with it bit for bit)."""
     block = tuple(sparse_block_shape)
-    plan = _plan(data, sparsity_level, block, zeros_per_block, norm)
-    if plan is None:
+    k, zeros = _blocks_to_drop(data, sparsity_level, block, zeros_per_block)
+    if k == 0:
         return torch.ones(data.shape, dtype=torch.bool, device=data.device)
-    return _drop_mask(*plan, block).logical_not().reshape(data.shape)
+    removed, values = _plan(data, k, block, norm)
+    return _drop_mask(removed, values, zeros, block).logical_not().reshape(data.shape)
 
 
 class DataNormSparsifier(BaseDataSparsifier):
@@ -387,13 +314,28 @@ class DataNormSparsifier(BaseDataSparsifier):
     ) -> None:
         mask = self.get_mask(name)
         block = tuple(sparse_block_shape)
-        if _write_whole_blocks(mask, data, sparsity_level, block, zeros_per_block, self.norm):
-            return
-        plan = _plan(data, sparsity_level, block, zeros_per_block, self.norm)
-        if plan is None:
+        k, zeros = _blocks_to_drop(data, sparsity_level, block, zeros_per_block)
+        if k == 0:
             mask.fill_(1)
-            return
-        removed, values, zeros = plan
+        elif _norm_kernel.supports(data, mask, block, zeros):
+            # the masked view in the same pass, unless it must carry autograd
+            fused = (
+                data.dtype in (torch.float32, torch.float64)
+                and mask.dtype == data.dtype
+                and not data.requires_grad
+            )
+            view = self._masked_view_buffer(name, data) if fused else None
+            _norm_kernel.write_mask(_as_matrices(data), mask, k, block, zeros, self.norm, view)
+            if view is not None:
+                self._keep_masked_view(name, view)
+        else:
+            self._write_with_tensor_ops(mask, data, k, block, zeros)
+
+    def _write_with_tensor_ops(
+        self, mask: torch.Tensor, data: torch.Tensor, k: int, block: tuple[int, int], zeros: int
+    ) -> None:
+        """The mask by plain tensor ops: CUDA, and what the compiled kernel does not take."""
+        removed, values = _plan(data, k, block, self.norm)
         batch, height, width = values.shape
         rows, cols = removed.shape[1:]
         if (
@@ -402,8 +344,8 @@ class DataNormSparsifier(BaseDataSparsifier):
             and width == cols * block[1]
             and mask.is_contiguous()
         ):  # whole blocks tiling the matrix: broadcast each block's 0/1 into its entries
-            keep = torch.logical_not(removed, out=_scratch("keep", removed, mask.dtype))
-            keep = keep.view(batch, rows, 1, cols, 1)
+            keep = scratch("keep", removed.shape, mask.dtype, removed.device)
+            keep = torch.logical_not(removed, out=keep).view(batch, rows, 1, cols, 1)
             mask.view(batch, rows, block[0], cols, block[1]).copy_(keep)
         else:
             mask.copy_(_drop_mask(removed, values, zeros, block).logical_not().reshape(mask.shape))

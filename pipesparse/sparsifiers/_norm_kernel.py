@@ -1,0 +1,465 @@
+"""DataNormSparsifier's mask in one compiled CPU kernel (numba): two passes over the batch.
+
+The tensor-op path spends ~17 ops per batch (|x|, strided adds, sampling, comparisons,
+counts, nonzero, kthvalue, the mask write) where the bound spends one multiply. Fused here:
+
+1. one pass over the data: each block's mean (added in avg_pool2d's order and divided as it
+   divides, so the norms are bit-identical) becomes an integer sort key. The same pass counts
+   the keys below a bracket around the previous matrix's threshold and gathers those inside
+   it (a percent or two, in index order);
+2. exact selection of the k-th smallest key among the gathered ones by radix digits (count a
+   digit, keep the keys with the one holding it, next digit) until one key value is left;
+   ties at it go to the lower index. When the bracket misses (the first matrix of a shape, a
+   shift in the data), the keys are counted by their top digit and gathered from the digit
+   that holds the k-th: exact either way, only slower;
+3. one pass writing the mask block by block.
+
+A non-negative float's bits sort as integers; NaN takes +inf's key (it ranks as +inf and ties
+with it, as in the tensor-op path). The loops over a block's entries are compiled for block
+widths 1, 2, 4 and 8 (unrolled and vectorised; other widths take a generic loop). It runs
+without the GIL, in the calling thread: a second thread did not pay on the 2-vCPU machine the
+benchmarks run on (the passes are vectorised and its two vCPUs share a core's vector units).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numba
+import numpy as np
+import torch
+
+from pipesparse.sparsifiers._scratch import scratch
+
+__all__ = ["supports", "write_mask"]
+
+_DIGIT_BITS = 12
+# signed keys holding the bits without the sign: numba turns uint64 mixed with int64 into float
+_KEY_TYPES = {torch.float32: (torch.int32, 31, 23), torch.float64: (torch.int64, 63, 52)}
+# masks the kernel writes directly: its data's float dtype, or one byte per entry (as uint8);
+# others go through a byte buffer. Each (data, mask) dtype pair is one compile (cached on disk)
+_BYTE_MASKS = (torch.bool, torch.uint8, torch.int8)
+_CACHE = threading.local()
+_CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
+_CHUNK = 16  # keys tested at once for the bracket
+_MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
+# bracket around the last threshold, in key units (ulps): from about +-1% of the value, halved
+# while it gathers more than 2% of the keys, widened 4x when it misses
+_BRACKET_START_BITS = 7  # half the width = 2 ** (mantissa bits - this)
+_BRACKET_MAX_SHARE = 0.02
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+_inline = numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+
+
+@_inline
+def _norm(value, l2):
+    return value * value if l2 else abs(value)
+
+
+@_inline
+def _add_row(row, sums, block_w, full, l2):
+    """Add one matrix row's entries into the sums of its blocks, left to right."""
+    for c in range(full):
+        total = sums[c]
+        base = c * block_w
+        for j in range(block_w):
+            total += _norm(row[base + j], l2)
+        sums[c] = total
+    if full < sums.shape[0]:  # the partial block at the right edge
+        total = sums[full]
+        for j in range(full * block_w, row.shape[0]):
+            total += _norm(row[j], l2)
+        sums[full] = total
+
+
+@_inline
+def _add_row_any(row, sums, block_w, full, l2):
+    """:func:`_add_row` with the width a compile-time constant for 1x2 and 1x4 blocks (the loop
+    unrolls and vectorises; every width compiled in costs seconds of first-use compile)."""
+    if l2:
+        if block_w == 2:
+            _add_row(row, sums, 2, full, True)
+        elif block_w == 4:
+            _add_row(row, sums, 4, full, True)
+        else:
+            _add_row(row, sums, block_w, full, True)
+    elif block_w == 2:
+        _add_row(row, sums, 2, full, False)
+    elif block_w == 4:
+        _add_row(row, sums, 4, full, False)
+    else:
+        _add_row(row, sums, block_w, full, False)
+
+
+@_inline
+def _divide(sums, start, stop, count):
+    """sums / count, rounded as a float division in the sums' dtype rounds it (exactly what
+    avg_pool2d does). A power of two is a multiplication in float64: the same real number."""
+    if start >= stop:
+        return
+    if count & (count - 1) == 0:
+        scale = 1.0 / count
+        for c in range(start, stop):
+            sums[c] = sums[c] * scale
+    else:
+        for c in range(start, stop):
+            sums[c] = sums[c] / count
+
+
+@_jit
+def _keys(x, l2, block_h, block_w, sums, bits, keys, magnitude, inf):
+    """Sort keys of the block means of one (H, W) matrix: the one pass over the data."""
+    height, width = x.shape
+    rows, cols = keys.shape
+    full = width // block_w
+    for r in range(rows):
+        top = r * block_h
+        bottom = min(top + block_h, height)
+        sums[:] = 0
+        for i in range(top, bottom):  # row by row, as avg_pool2d adds up a window
+            _add_row_any(x[i], sums, block_w, full, l2)
+        _divide(sums, 0, full, (bottom - top) * block_w)
+        _divide(sums, full, cols, (bottom - top) * (width - full * block_w))
+        key_row = keys[r]
+        for c in range(cols):
+            key_row[c] = min(bits[c] & magnitude, inf)  # -0.0 -> +0.0's key, NaN -> +inf's
+
+
+@_jit
+def _bracketed(flat, lo, hi, per_chunk, cand_keys, cand_index):
+    """(keys below ``lo``, keys gathered): the keys in ``lo .. hi`` (of the keys' dtype, so
+    the compares stay 8 to a vector) gathered in index order. Vectorised counts first (below
+    lo; in the bracket per chunk of ``_CHUNK``), then a scalar look only into the chunks that
+    hold a bracketed key."""
+    n = flat.shape[0]
+    chunks = n // _CHUNK
+    below = 0
+    for i in range(n):
+        below += flat[i] < lo
+    for chunk in range(chunks):
+        inside = 0
+        for c in range(_CHUNK):
+            key = flat[chunk * _CHUNK + c]
+            inside += (key >= lo) & (key <= hi)
+        per_chunk[chunk] = inside
+    found = 0
+    for chunk in range(chunks + 1):
+        if chunk == chunks or per_chunk[chunk]:  # the last, partial chunk is always looked at
+            for i in range(chunk * _CHUNK, min(chunk * _CHUNK + _CHUNK, n)):
+                key = flat[i]
+                if lo <= key <= hi:
+                    cand_keys[found] = key
+                    cand_index[found] = i
+                    found += 1
+    return below, found
+
+
+@_jit
+def _digit_of_kth(counts, bins, k, below):
+    """(digit holding the k-th smallest, keys below that digit)."""
+    for digit in range(bins):
+        if below + counts[digit] >= k:
+            return digit, below
+        below += counts[digit]
+    return bins - 1, below
+
+
+@_jit
+def _refine(cand_keys, cand_index, found, need, counts, shift, digit_bits):
+    """(key, index) of the ``need``-th smallest of the first ``found`` candidates (in index
+    order, keys below ``2 ** shift``), ties to the lower index: radix digits from the top."""
+    below = 0
+    while shift > 0:
+        low = max(shift - digit_bits, 0)
+        digit_mask = (1 << (shift - low)) - 1
+        counts[: digit_mask + 1] = 0
+        for i in range(found):
+            counts[(cand_keys[i] >> low) & digit_mask] += 1
+        digit, below = _digit_of_kth(counts, digit_mask + 1, need, below)
+        kept = 0
+        for i in range(found):  # in order: ties stay sorted by index
+            key = cand_keys[i]
+            cand_keys[kept] = key
+            cand_index[kept] = cand_index[i]
+            kept += (key >> low) & digit_mask == digit
+        found = kept
+        shift = low
+    return cand_keys[0], cand_index[need - below - 1]
+
+
+@_jit
+def _threshold(keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_bits, digit_bits):
+    """(threshold key, last dropped flat index among the keys equal to it) for dropping the
+    ``k`` smallest ``keys`` (k >= 1). Looks in ``bracket`` (lo, width) first, then moves it
+    onto the threshold for the next matrix: narrower while it holds over
+    ``_BRACKET_MAX_SHARE`` of the keys, 4x wider after a miss. ``bracket``: (lo, hi, width)
+    in the keys' dtype; lo > hi before the first threshold."""
+    flat = keys.ravel()
+    width = bracket[2]
+    below, found = _bracketed(flat, bracket[0], bracket[1], per_chunk, cand_keys, cand_index)
+    if below < k <= below + found:
+        if found > _BRACKET_MAX_SHARE * flat.shape[0] and width > 2:
+            width //= 2
+    else:  # missed: gather the keys of the top digit holding the k-th instead
+        width = min(width * 4, 1 << (key_bits - 1))
+        shift = key_bits - digit_bits
+        bins = 1 << digit_bits
+        counts[:bins] = 0
+        for i in range(flat.shape[0]):
+            counts[flat[i] >> shift] += 1
+        digit, below = _digit_of_kth(counts, bins, k, 0)
+        found = 0
+        for i in range(flat.shape[0]):
+            key = flat[i]
+            cand_keys[found] = key  # written always, kept if it matches: no branch to miss
+            cand_index[found] = i
+            found += key >> shift == digit
+    threshold, last_tied = _refine(
+        cand_keys, cand_index, found, k - below, counts, key_bits, digit_bits
+    )
+    bracket[0] = max(threshold - width // 2, 0)
+    bracket[1] = min(threshold + width // 2, (1 << key_bits) - 1)
+    bracket[2] = width
+    return threshold, last_tied
+
+
+@_inline
+def _write_row(key_row, first, threshold, last_tied, row, mask_row, out_row, fused, block_w, full):
+    """One matrix row of the mask, each block's entries 0 (dropped) or 1; when ``fused``, also
+    ``row * mask`` into ``out_row``, as the multiply gives it (x * 0.0 is -0.0 for negative x
+    and NaN for inf and NaN)."""
+    for c in range(full):
+        key = key_row[c]
+        dropped = (key < threshold) | ((key == threshold) & (first + c <= last_tied))
+        base = c * block_w
+        for j in range(block_w):
+            mask_row[base + j] = 0 if dropped else 1
+        if fused:
+            factor = np.float32(0.0) if dropped else np.float32(1.0)
+            for j in range(block_w):
+                out_row[base + j] = row[base + j] * factor
+    if full < key_row.shape[0]:
+        key = key_row[full]
+        dropped = (key < threshold) | ((key == threshold) & (first + full <= last_tied))
+        factor = np.float32(0.0) if dropped else np.float32(1.0)
+        for j in range(full * block_w, mask_row.shape[0]):
+            mask_row[j] = 0 if dropped else 1
+            if fused:
+                out_row[j] = row[j] * factor
+
+
+@_inline
+def _write_row_any(
+    key_row, first, threshold, last_tied, row, mask_row, out_row, fused, block_w, full
+):
+    """:func:`_write_row` with the width (and ``fused``) compile-time constants for 1x2 and
+    1x4 blocks."""
+    if fused:
+        if block_w == 2:
+            _write_row(key_row, first, threshold, last_tied, row, mask_row, out_row, True, 2, full)
+        elif block_w == 4:
+            _write_row(key_row, first, threshold, last_tied, row, mask_row, out_row, True, 4, full)
+        else:
+            _write_row(
+                key_row, first, threshold, last_tied, row, mask_row, out_row, True, block_w, full
+            )
+    elif block_w == 2:
+        _write_row(key_row, first, threshold, last_tied, row, mask_row, out_row, False, 2, full)
+    elif block_w == 4:
+        _write_row(key_row, first, threshold, last_tied, row, mask_row, out_row, False, 4, full)
+    else:
+        _write_row(
+            key_row, first, threshold, last_tied, row, mask_row, out_row, False, block_w, full
+        )
+
+
+@_jit
+def _rank_in_block(x, l2, i, j, top, left, block_h, block_w):
+    """Rank of entry (i, j) when torch.sort orders its NaN-padded block: values ascending,
+    NaN and padding last, ties by position."""
+    height, width = x.shape
+    value = _norm(x[i, j], l2)
+    own = (i - top) * block_w + (j - left)
+    rank = 0
+    for a in range(block_h):
+        for b in range(block_w):
+            pos = a * block_w + b
+            if pos == own:
+                continue
+            if top + a < height and left + b < width:
+                other = _norm(x[top + a, left + b], l2)
+            else:
+                other = np.nan
+            if np.isnan(value):
+                rank += (not np.isnan(other)) or pos < own
+            elif not np.isnan(other):
+                rank += other < value or (other == value and pos < own)
+    return rank
+
+
+@_jit
+def _keep_in_dropped(x, l2, block_h, block_w, keys, threshold, last_tied, zeros, mask, out, fused):
+    """Put back all but the ``zeros`` smallest entries of each dropped block."""
+    height, width = x.shape
+    rows, cols = keys.shape
+    for r in range(rows):
+        top = r * block_h
+        for c in range(cols):
+            key = keys[r, c]
+            if key > threshold or (key == threshold and r * cols + c > last_tied):
+                continue
+            left = c * block_w
+            for i in range(top, min(top + block_h, height)):
+                for j in range(left, min(left + block_w, width)):
+                    if _rank_in_block(x, l2, i, j, top, left, block_h, block_w) >= zeros:
+                        mask[i, j] = 1
+                        if fused:
+                            out[i, j] = x[i, j]
+
+
+@_jit
+def _write(x, block_h, block_w, keys, threshold, last_tied, mask, out, fused):
+    """One matrix's mask (and ``x * mask`` into ``out`` when ``fused``): a block is dropped
+    when its key is below ``threshold``, or equal to it at a flat index up to ``last_tied``."""
+    height, width = mask.shape
+    rows, cols = keys.shape
+    full = width // block_w
+    for r in range(rows):
+        for i in range(r * block_h, min(r * block_h + block_h, height)):
+            _write_row_any(
+                keys[r], r * cols, threshold, last_tied, x[i], mask[i], out[i], fused, block_w, full
+            )
+
+
+@_jit
+def _masks(
+    x,
+    l2,
+    block_h,
+    block_w,
+    k,
+    zeros,
+    mask,
+    out,
+    fused,
+    sums,
+    bits,
+    keys,
+    per_chunk,
+    cand_keys,
+    cand_index,
+    counts,
+    bracket,
+    magnitude,
+    inf,
+    key_bits,
+    digit_bits,
+):
+    """The mask of every matrix of a (B, H, W) batch, in turn."""
+    for b in range(x.shape[0]):
+        _keys(x[b], l2, block_h, block_w, sums, bits, keys, magnitude, inf)
+        threshold, last_tied = _threshold(
+            keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
+        )
+        _write(x[b], block_h, block_w, keys, threshold, last_tied, mask[b], out[b], fused)
+        if zeros < block_h * block_w:
+            _keep_in_dropped(
+                x[b],
+                l2,
+                block_h,
+                block_w,
+                keys,
+                threshold,
+                last_tied,
+                zeros,
+                mask[b],
+                out[b],
+                fused,
+            )
+
+
+def supports(data: torch.Tensor, mask: torch.Tensor, block: tuple[int, int], zeros: int) -> bool:
+    """Whether :func:`write_mask` handles this data and mask (else the tensor-op path runs)."""
+    return (
+        data.device.type == "cpu"
+        and mask.device.type == "cpu"
+        and mask.is_contiguous()
+        and mask.shape == data.shape
+        and data.numel() < 2**31  # block indices and counts are int32
+        and (zeros >= block[0] * block[1] or block[0] * block[1] <= _MAX_RANKED_BLOCK)
+    )
+
+
+def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]) -> tuple:
+    """The kernel's scratch arrays and constants for one matrix shape, kept by this thread
+    (building them costs more than a small matrix's mask), with the bracket that carries over
+    from matrix to matrix: a row of block sums (and its bits), keys, candidates, counts."""
+    cache = getattr(_CACHE, "buffers", None)
+    if cache is None:
+        cache = _CACHE.buffers = {}
+    key = (height, width, dtype, block)
+    found = cache.get(key)
+    if found is None:
+        key_dtype, key_bits, mantissa_bits = _KEY_TYPES[dtype]
+        rows, cols = -(-height // block[0]), -(-width // block[1])
+        sums = np.empty(cols, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        key_type = torch.empty(0, dtype=key_dtype).numpy().dtype
+        found = (
+            sums,
+            sums.view(key_type),
+            np.empty((rows, cols), dtype=key_type),
+            np.empty(rows * cols // _CHUNK, dtype=np.int32),
+            np.empty(rows * cols, dtype=key_type),
+            np.empty(rows * cols, dtype=np.int32),
+            np.empty(1 << _DIGIT_BITS, dtype=np.int32),
+            # (lo, hi, width): about +-1% of the value around the first threshold, empty before
+            np.array([1, 0, 2 ** (mantissa_bits - _BRACKET_START_BITS + 1)], dtype=key_type),
+            key_type.type((1 << key_bits) - 1),
+            np.array(math.inf, dtype=sums.dtype).view(key_type)[()],
+            key_bits,
+            _DIGIT_BITS,
+        )
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        cache[key] = found
+    return found
+
+
+def write_mask(
+    matrices: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    block: tuple[int, int],
+    zeros: int,
+    norm: str,
+    out: torch.Tensor | None = None,
+) -> None:
+    """Write the mask of (B, H, W) ``matrices`` into ``mask`` (same shape, contiguous; see
+    :func:`supports`): in each matrix the ``k`` (>= 1) blocks of lowest mean norm are dropped,
+    ``zeros`` entries of each (all when ``zeros`` covers the block). With ``out`` (float32 or
+    float64 matrices only; contiguous, their shape and dtype), also write ``matrices * mask``
+    there in the same pass, saving the multiply's second read of the batch and the mask.
+
+    float16, bfloat16 and integer data are ranked in float32, as the tensor-op path ranks
+    them. A mask of another dtype than the (ranked) data's, other than a one-byte one, is
+    written through a byte buffer."""
+    matrices = matrices.detach()
+    if matrices.dtype not in _KEY_TYPES:
+        if out is not None:
+            raise ValueError(f"a fused masked view needs float32 or float64, not {matrices.dtype}")
+        matrices = matrices.float()
+    if out is not None and mask.dtype != matrices.dtype:
+        raise ValueError(f"a fused masked view needs a {matrices.dtype} mask, not {mask.dtype}")
+    x = matrices.contiguous().numpy()
+    _, height, width = x.shape
+    if mask.dtype == matrices.dtype or mask.dtype in _BYTE_MASKS:
+        target = mask if mask.dtype == matrices.dtype else mask.view(torch.uint8)
+    else:
+        target = scratch("kernel_mask", tuple(mask.shape), torch.uint8)
+    target_array = target.detach().view(-1, height, width).numpy()
+    out_array = target_array if out is None else out.detach().view(-1, height, width).numpy()
+    buffers = _buffers(height, width, matrices.dtype, block)
+    _masks(x, norm == "L2", *block, k, zeros, target_array, out_array, out is not None, *buffers)
+    if target.data_ptr() != mask.data_ptr():
+        mask.copy_(target)
