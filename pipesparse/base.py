@@ -65,12 +65,6 @@ def apply_mask(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == data.dtype else out.to(data.dtype)
 
 
-def _stamp(data: torch.Tensor, mask: torch.Tensor) -> tuple:
-    """What a kept masked view was computed from: in-place edits (torch bumps ``_version``)
-    and re-pointed storage both change it."""
-    return (data._version, data.data_ptr(), data.shape, mask._version, mask.data_ptr())
-
-
 def _dtype_from_name(name: str, text: Any) -> torch.dtype:
     dtype = _MASK_DTYPES.get(text) if isinstance(text, str) else None
     if dtype is None:
@@ -116,11 +110,6 @@ class BaseDataSparsifier(abc.ABC):
         self.state: dict[str, dict[str, Any]] = {}
         self._data: dict[str, torch.Tensor | None] = {}
         self._squashed: set[str] = set()
-        # data * mask written by update_mask in the same pass as the mask, for a loop that
-        # reads the masked view after every step (see _masked_view_buffer); a name is in
-        # _views_read when its masked view was read since its last update
-        self._masked_views: dict[str, tuple[torch.Tensor, tuple]] = {}
-        self._views_read: set[str] = set()
         self.enable_mask_update = True
         self._step_count = 0
         for name, data in data_list or ():
@@ -161,7 +150,6 @@ class BaseDataSparsifier(abc.ABC):
             and name not in self._squashed
         ):  # the per-batch path: a dictionary update
             self._data[name] = tensor
-            self._masked_views.pop(name, None)
             return apply_mask(tensor, mask)
 
         _check_name(name)
@@ -184,7 +172,6 @@ class BaseDataSparsifier(abc.ABC):
         self.state[name] = {"mask": mask}
         self._data[name] = tensor
         self._squashed.discard(name)
-        self._masked_views.pop(name, None)
         return apply_mask(tensor, mask)
 
     def _require(self, name: str) -> None:
@@ -210,29 +197,7 @@ class BaseDataSparsifier(abc.ABC):
                     f"mask of {name!r} was squashed: the original data no longer exists"
                 )
             return data
-        if return_original:
-            return data
-        mask = self.state[name]["mask"]
-        ready = self._masked_views.pop(name, None)
-        self._views_read.add(name)
-        if ready is not None and ready[1] == _stamp(data, mask):
-            return ready[0]
-        return apply_mask(data, mask)
-
-    def _masked_view_buffer(self, name: str, data: torch.Tensor) -> torch.Tensor | None:
-        """For :meth:`update_mask`: a fresh tensor to write ``data * mask`` into while writing
-        the mask, when the masked view of ``name`` was read since its last update (so the next
-        ``get_data(name, return_original=False)`` is not a second pass over the data); else
-        None. Hand the filled tensor back with :meth:`_keep_masked_view`."""
-        if name not in self._views_read:
-            return None
-        self._views_read.discard(name)
-        return torch.empty_like(data, memory_format=torch.contiguous_format)
-
-    def _keep_masked_view(self, name: str, view: torch.Tensor) -> None:
-        """Keep ``view`` (``data * mask`` as just written) for the next masked ``get_data`` of
-        ``name``, which hands it out once, if the data and the mask have not changed since."""
-        self._masked_views[name] = (view, _stamp(self._data[name], self.state[name]["mask"]))
+        return data if return_original else apply_mask(data, self.state[name]["mask"])
 
     def is_squashed(self, name: str) -> bool:
         """Whether ``squash_mask`` stopped masking ``name`` (``step`` then skips it)."""
@@ -245,7 +210,6 @@ class BaseDataSparsifier(abc.ABC):
         if not self.enable_mask_update:
             return
         self._step_count += 1
-        self._masked_views.clear()
         with torch.no_grad():
             for name, config in self.data_groups.items():
                 data = self._data[name]
@@ -290,7 +254,6 @@ class BaseDataSparsifier(abc.ABC):
                 if leave_parametrized:
                     data.copy_(apply_mask(data, self.state[name]["mask"]))
                 self._squashed.add(name)
-                self._masked_views.pop(name, None)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self, include_data: bool = True) -> dict[str, Any]:
@@ -314,7 +277,6 @@ class BaseDataSparsifier(abc.ABC):
         already exists with the same shape is overwritten in place (shared memory stays shared);
         a name the state has no data for keeps the data it has. torch.ao's format loads too."""
         entries = self._parse_state(state_dict)
-        self._masked_views.clear()
         if strict:
             for name in [n for n in self.data_groups if n not in entries]:
                 del self.data_groups[name], self.state[name], self._data[name]
@@ -432,13 +394,6 @@ class BaseDataSparsifier(abc.ABC):
             dtype = _dtype_from_name(name, dtypes[name]) if name in dtypes else mask.dtype
             entries[name] = (mask, dtype, config, data, name in squashed)
         return entries
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle and deepcopy without the kept masked views (batch-sized, single-use)."""
-        state = self.__dict__.copy()
-        state["_masked_views"] = {}
-        state["_views_read"] = set()
-        return state
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]

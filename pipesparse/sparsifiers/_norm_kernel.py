@@ -225,53 +225,30 @@ def _threshold(keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_b
 
 
 @_inline
-def _write_row(key_row, first, threshold, last_tied, row, mask_row, out_row, fused, block_w, full):
-    """One matrix row of the mask, each block's entries 0 (dropped) or 1; when ``fused``, also
-    ``row * mask`` into ``out_row``, as the multiply gives it (x * 0.0 is -0.0 for negative x
-    and NaN for inf and NaN)."""
+def _write_row(key_row, first, threshold, last_tied, mask_row, block_w, full):
+    """One matrix row of the mask: each block's entries 0 (dropped) or 1."""
     for c in range(full):
         key = key_row[c]
         dropped = (key < threshold) | ((key == threshold) & (first + c <= last_tied))
         base = c * block_w
         for j in range(block_w):
             mask_row[base + j] = 0 if dropped else 1
-        if fused:
-            factor = np.float32(0.0) if dropped else np.float32(1.0)
-            for j in range(block_w):
-                out_row[base + j] = row[base + j] * factor
     if full < key_row.shape[0]:
         key = key_row[full]
         dropped = (key < threshold) | ((key == threshold) & (first + full <= last_tied))
-        factor = np.float32(0.0) if dropped else np.float32(1.0)
         for j in range(full * block_w, mask_row.shape[0]):
             mask_row[j] = 0 if dropped else 1
-            if fused:
-                out_row[j] = row[j] * factor
 
 
 @_inline
-def _write_row_any(
-    key_row, first, threshold, last_tied, row, mask_row, out_row, fused, block_w, full
-):
-    """:func:`_write_row` with the width (and ``fused``) compile-time constants for 1x2 and
-    1x4 blocks."""
-    if fused:
-        if block_w == 2:
-            _write_row(key_row, first, threshold, last_tied, row, mask_row, out_row, True, 2, full)
-        elif block_w == 4:
-            _write_row(key_row, first, threshold, last_tied, row, mask_row, out_row, True, 4, full)
-        else:
-            _write_row(
-                key_row, first, threshold, last_tied, row, mask_row, out_row, True, block_w, full
-            )
-    elif block_w == 2:
-        _write_row(key_row, first, threshold, last_tied, row, mask_row, out_row, False, 2, full)
+def _write_row_any(key_row, first, threshold, last_tied, mask_row, block_w, full):
+    """:func:`_write_row` with the width a compile-time constant for 1x2 and 1x4 blocks."""
+    if block_w == 2:
+        _write_row(key_row, first, threshold, last_tied, mask_row, 2, full)
     elif block_w == 4:
-        _write_row(key_row, first, threshold, last_tied, row, mask_row, out_row, False, 4, full)
+        _write_row(key_row, first, threshold, last_tied, mask_row, 4, full)
     else:
-        _write_row(
-            key_row, first, threshold, last_tied, row, mask_row, out_row, False, block_w, full
-        )
+        _write_row(key_row, first, threshold, last_tied, mask_row, block_w, full)
 
 
 @_jit
@@ -299,7 +276,7 @@ def _rank_in_block(x, l2, i, j, top, left, block_h, block_w):
 
 
 @_jit
-def _keep_in_dropped(x, l2, block_h, block_w, keys, threshold, last_tied, zeros, mask, out, fused):
+def _keep_in_dropped(x, l2, block_h, block_w, keys, threshold, last_tied, zeros, mask):
     """Put back all but the ``zeros`` smallest entries of each dropped block."""
     height, width = x.shape
     rows, cols = keys.shape
@@ -314,22 +291,18 @@ def _keep_in_dropped(x, l2, block_h, block_w, keys, threshold, last_tied, zeros,
                 for j in range(left, min(left + block_w, width)):
                     if _rank_in_block(x, l2, i, j, top, left, block_h, block_w) >= zeros:
                         mask[i, j] = 1
-                        if fused:
-                            out[i, j] = x[i, j]
 
 
 @_jit
-def _write(x, block_h, block_w, keys, threshold, last_tied, mask, out, fused):
-    """One matrix's mask (and ``x * mask`` into ``out`` when ``fused``): a block is dropped
-    when its key is below ``threshold``, or equal to it at a flat index up to ``last_tied``."""
+def _write(block_h, block_w, keys, threshold, last_tied, mask):
+    """One matrix's mask: a block is dropped when its key is below ``threshold``, or equal to
+    it at a flat index up to ``last_tied``."""
     height, width = mask.shape
     rows, cols = keys.shape
     full = width // block_w
     for r in range(rows):
         for i in range(r * block_h, min(r * block_h + block_h, height)):
-            _write_row_any(
-                keys[r], r * cols, threshold, last_tied, x[i], mask[i], out[i], fused, block_w, full
-            )
+            _write_row_any(keys[r], r * cols, threshold, last_tied, mask[i], block_w, full)
 
 
 @_jit
@@ -341,8 +314,6 @@ def _masks(
     k,
     zeros,
     mask,
-    out,
-    fused,
     sums,
     bits,
     keys,
@@ -362,21 +333,9 @@ def _masks(
         threshold, last_tied = _threshold(
             keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
         )
-        _write(x[b], block_h, block_w, keys, threshold, last_tied, mask[b], out[b], fused)
+        _write(block_h, block_w, keys, threshold, last_tied, mask[b])
         if zeros < block_h * block_w:
-            _keep_in_dropped(
-                x[b],
-                l2,
-                block_h,
-                block_w,
-                keys,
-                threshold,
-                last_tied,
-                zeros,
-                mask[b],
-                out[b],
-                fused,
-            )
+            _keep_in_dropped(x[b], l2, block_h, block_w, keys, threshold, last_tied, zeros, mask[b])
 
 
 def supports(data: torch.Tensor, mask: torch.Tensor, block: tuple[int, int], zeros: int) -> bool:
@@ -433,33 +392,26 @@ def write_mask(
     block: tuple[int, int],
     zeros: int,
     norm: str,
-    out: torch.Tensor | None = None,
 ) -> None:
     """Write the mask of (B, H, W) ``matrices`` into ``mask`` (same shape, contiguous; see
     :func:`supports`): in each matrix the ``k`` (>= 1) blocks of lowest mean norm are dropped,
-    ``zeros`` entries of each (all when ``zeros`` covers the block). With ``out`` (float32 or
-    float64 matrices only; contiguous, their shape and dtype), also write ``matrices * mask``
-    there in the same pass, saving the multiply's second read of the batch and the mask.
+    ``zeros`` entries of each (all when ``zeros`` covers the block).
 
     float16, bfloat16 and integer data are ranked in float32, as the tensor-op path ranks
     them. A mask of another dtype than the (ranked) data's, other than a one-byte one, is
     written through a byte buffer."""
     matrices = matrices.detach()
     if matrices.dtype not in _KEY_TYPES:
-        if out is not None:
-            raise ValueError(f"a fused masked view needs float32 or float64, not {matrices.dtype}")
         matrices = matrices.float()
-    if out is not None and mask.dtype != matrices.dtype:
-        raise ValueError(f"a fused masked view needs a {matrices.dtype} mask, not {mask.dtype}")
     x = matrices.contiguous().numpy()
     _, height, width = x.shape
     if mask.dtype == matrices.dtype or mask.dtype in _BYTE_MASKS:
         target = mask if mask.dtype == matrices.dtype else mask.view(torch.uint8)
     else:
         target = scratch("kernel_mask", tuple(mask.shape), torch.uint8)
-    target_array = target.detach().view(-1, height, width).numpy()
-    out_array = target_array if out is None else out.detach().view(-1, height, width).numpy()
     buffers = _buffers(height, width, matrices.dtype, block)
-    _masks(x, norm == "L2", *block, k, zeros, target_array, out_array, out is not None, *buffers)
+    _masks(
+        x, norm == "L2", *block, k, zeros, target.detach().view(-1, height, width).numpy(), *buffers
+    )
     if target.data_ptr() != mask.data_ptr():
         mask.copy_(target)

@@ -318,16 +318,7 @@ class DataNormSparsifier(BaseDataSparsifier):
         if k == 0:
             mask.fill_(1)
         elif _norm_kernel.supports(data, mask, block, zeros):
-            # the masked view in the same pass, unless it must carry autograd
-            fused = (
-                data.dtype in (torch.float32, torch.float64)
-                and mask.dtype == data.dtype
-                and not data.requires_grad
-            )
-            view = self._masked_view_buffer(name, data) if fused else None
-            _norm_kernel.write_mask(_as_matrices(data), mask, k, block, zeros, self.norm, view)
-            if view is not None:
-                self._keep_masked_view(name, view)
+            _norm_kernel.write_mask(_as_matrices(data), mask, k, block, zeros, self.norm)
         else:
             self._write_with_tensor_ops(mask, data, k, block, zeros)
 

@@ -282,9 +282,6 @@ class SparsifyTransform:
             )
         if mask.device != tensor.device:
             mask = mask.to(tensor.device)
-        if not in_place and self._stepped_on(name, tensor):
-            # the rule may have written tensor * mask in the same pass as the mask
-            return self.sparsifier.get_data(name, return_original=False)
         if (
             in_place
             and not tensor.requires_grad
@@ -292,21 +289,6 @@ class SparsifyTransform:
         ):
             return tensor.mul_(mask)
         return apply_mask(tensor, mask)
-
-    def _stepped_on(self, name: str, tensor: torch.Tensor) -> bool:
-        """Whether the mask of ``name`` was just computed from ``tensor`` itself (an every-batch
-        mask over the batch, registered through this transform's slot), so the sparsifier's
-        masked view of it is ``tensor * mask``."""
-        if self.persistent or self.mask_over != "batch" or tensor.requires_grad:
-            return False
-        slot = self._slots.get(name)
-        return (
-            slot is not None
-            and self.sparsifier.get_data(name) is slot
-            and slot.data_ptr() == tensor.data_ptr()
-            and slot.shape == tensor.shape
-            and slot.dtype == tensor.dtype
-        )
 
     def _to_tensor(self, entry: Any) -> torch.Tensor:
         if isinstance(entry, np.ndarray):
