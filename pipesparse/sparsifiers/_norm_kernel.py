@@ -30,6 +30,7 @@ import numba
 import numpy as np
 import torch
 
+from pipesparse.sparsifiers._lanes import run_pair
 from pipesparse.sparsifiers._scratch import scratch
 
 __all__ = ["supports", "write_mask"]
@@ -43,6 +44,9 @@ _BYTE_MASKS = (torch.bool, torch.uint8, torch.int8)
 _CACHE = threading.local()
 _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
 _CHUNK = 16  # keys tested at once for the bracket
+# entries (1 MB of float32) from which one matrix's passes are split between two threads: the
+# hand-off (~20-50 us) is then small next to the passes
+_SPLIT_MIN = 2**18
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
 # bracket around the last threshold, in key units (ulps): from about +-1% of the value, halved
 # while it gathers more than 2% of the keys, widened 4x when it misses
@@ -108,12 +112,13 @@ def _divide(sums, start, stop, count):
 
 
 @_jit
-def _keys(x, l2, block_h, block_w, sums, bits, keys, magnitude, inf):
-    """Sort keys of the block means of one (H, W) matrix: the one pass over the data."""
+def _keys(x, l2, block_h, block_w, first, stop, sums, bits, keys, magnitude, inf):
+    """Sort keys of the block means in block rows ``first:stop`` of one (H, W) matrix: the one
+    pass over the data."""
     height, width = x.shape
-    rows, cols = keys.shape
+    cols = keys.shape[1]
     full = width // block_w
-    for r in range(rows):
+    for r in range(first, stop):
         top = r * block_h
         bottom = min(top + block_h, height)
         sums[:] = 0
@@ -294,13 +299,13 @@ def _keep_in_dropped(x, l2, block_h, block_w, keys, threshold, last_tied, zeros,
 
 
 @_jit
-def _write(block_h, block_w, keys, threshold, last_tied, mask):
-    """One matrix's mask: a block is dropped when its key is below ``threshold``, or equal to
-    it at a flat index up to ``last_tied``."""
+def _write(block_h, block_w, keys, first, stop, threshold, last_tied, mask):
+    """Block rows ``first:stop`` of one matrix's mask: a block is dropped when its key is below
+    ``threshold``, or equal to it at a flat index up to ``last_tied``."""
     height, width = mask.shape
-    rows, cols = keys.shape
+    cols = keys.shape[1]
     full = width // block_w
-    for r in range(rows):
+    for r in range(first, stop):
         for i in range(r * block_h, min(r * block_h + block_h, height)):
             _write_row_any(keys[r], r * cols, threshold, last_tied, mask[i], block_w, full)
 
@@ -327,13 +332,14 @@ def _masks(
     key_bits,
     digit_bits,
 ):
-    """The mask of every matrix of a (B, H, W) batch, in turn."""
+    """The mask of every matrix of a (B, H, W) batch, in turn, in this thread."""
+    rows = keys.shape[0]
     for b in range(x.shape[0]):
-        _keys(x[b], l2, block_h, block_w, sums, bits, keys, magnitude, inf)
+        _keys(x[b], l2, block_h, block_w, 0, rows, sums[0], bits[0], keys, magnitude, inf)
         threshold, last_tied = _threshold(
             keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
         )
-        _write(block_h, block_w, keys, threshold, last_tied, mask[b])
+        _write(block_h, block_w, keys, 0, rows, threshold, last_tied, mask[b])
         if zeros < block_h * block_w:
             _keep_in_dropped(x[b], l2, block_h, block_w, keys, threshold, last_tied, zeros, mask[b])
 
@@ -362,7 +368,7 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
     if found is None:
         key_dtype, key_bits, mantissa_bits = _KEY_TYPES[dtype]
         rows, cols = -(-height // block[0]), -(-width // block[1])
-        sums = np.empty(cols, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        sums = np.empty((2, cols), dtype=torch.empty(0, dtype=dtype).numpy().dtype)  # a row each
         key_type = torch.empty(0, dtype=key_dtype).numpy().dtype
         found = (
             sums,
@@ -385,6 +391,28 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
     return found
 
 
+def _split_in_two(x, l2, block, k, zeros, mask, buffers) -> None:
+    """:func:`_masks` of one large matrix with both passes over it split between this thread
+    and a second one (see :mod:`._lanes`); the selection in between is one thread's."""
+    sums, bits, keys, per_chunk, cand_keys, cand_index, counts, bracket = buffers[:8]
+    magnitude, inf, key_bits, digit_bits = buffers[8:]
+    rows = keys.shape[0]
+    half = rows // 2
+    run_pair(
+        lambda: _keys(x, l2, *block, 0, half, sums[0], bits[0], keys, magnitude, inf),
+        lambda: _keys(x, l2, *block, half, rows, sums[1], bits[1], keys, magnitude, inf),
+    )
+    threshold, last_tied = _threshold(
+        keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
+    )
+    run_pair(
+        lambda: _write(*block, keys, 0, half, threshold, last_tied, mask),
+        lambda: _write(*block, keys, half, rows, threshold, last_tied, mask),
+    )
+    if zeros < block[0] * block[1]:
+        _keep_in_dropped(x, l2, *block, keys, threshold, last_tied, zeros, mask)
+
+
 def write_mask(
     matrices: torch.Tensor,
     mask: torch.Tensor,
@@ -395,7 +423,9 @@ def write_mask(
 ) -> None:
     """Write the mask of (B, H, W) ``matrices`` into ``mask`` (same shape, contiguous; see
     :func:`supports`): in each matrix the ``k`` (>= 1) blocks of lowest mean norm are dropped,
-    ``zeros`` entries of each (all when ``zeros`` covers the block).
+    ``zeros`` entries of each (all when ``zeros`` covers the block). A single large matrix is
+    split between two threads when torch may use more than one (DataLoader workers, which
+    torch limits to one thread, stay on one).
 
     float16, bfloat16 and integer data are ranked in float32, as the tensor-op path ranks
     them. A mask of another dtype than the (ranked) data's, other than a one-byte one, is
@@ -410,8 +440,10 @@ def write_mask(
     else:
         target = scratch("kernel_mask", tuple(mask.shape), torch.uint8)
     buffers = _buffers(height, width, matrices.dtype, block)
-    _masks(
-        x, norm == "L2", *block, k, zeros, target.detach().view(-1, height, width).numpy(), *buffers
-    )
+    target_array = target.detach().view(-1, height, width).numpy()
+    if x.shape[0] == 1 and x.size >= _SPLIT_MIN and torch.get_num_threads() > 1:
+        _split_in_two(x[0], norm == "L2", block, k, zeros, target_array[0], buffers)
+    else:
+        _masks(x, norm == "L2", *block, k, zeros, target_array, *buffers)
     if target.data_ptr() != mask.data_ptr():
         mask.copy_(target)
