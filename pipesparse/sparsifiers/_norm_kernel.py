@@ -111,13 +111,61 @@ def _divide(sums, start, stop, count):
             sums[c] = sums[c] / count
 
 
+@_inline
+def _bracket_row(key_row, start, lo, hi, chunk_hits, cand_keys, cand_index, found):
+    """(keys of one row below ``lo``, candidates now): the row's keys in ``lo .. hi`` appended
+    in index order (``start`` = the row's first flat index). Vectorised counts first (below
+    lo; in the bracket, per chunk of ``_CHUNK``), then a scalar look only into the chunks that
+    hold a bracketed key (1-2% of the keys are in the bracket)."""
+    cols = key_row.shape[0]
+    below = 0
+    for c in range(cols):
+        below += key_row[c] < lo
+    chunks = cols // _CHUNK
+    for chunk in range(chunks):
+        inside = 0
+        for c in range(_CHUNK):
+            key = key_row[chunk * _CHUNK + c]
+            inside += (key >= lo) & (key <= hi)
+        chunk_hits[chunk] = inside
+    for chunk in range(chunks + 1):
+        if chunk == chunks or chunk_hits[chunk]:  # the last, partial chunk is always looked at
+            for c in range(chunk * _CHUNK, min(chunk * _CHUNK + _CHUNK, cols)):
+                key = key_row[c]
+                if lo <= key <= hi:
+                    cand_keys[found] = key
+                    cand_index[found] = start + c
+                    found += 1
+    return below, found
+
+
 @_jit
-def _keys(x, l2, block_h, block_w, first, stop, sums, bits, keys, magnitude, inf):
+def _keys(
+    x,
+    l2,
+    block_h,
+    block_w,
+    first,
+    stop,
+    sums,
+    bits,
+    keys,
+    magnitude,
+    inf,
+    bracket,
+    chunk_hits,
+    cand_keys,
+    cand_index,
+):
     """Sort keys of the block means in block rows ``first:stop`` of one (H, W) matrix: the one
-    pass over the data."""
+    pass over the data. Returns (keys below the bracket, keys in it), the latter gathered in
+    index order into ``cand_keys``/``cand_index``."""
     height, width = x.shape
     cols = keys.shape[1]
     full = width // block_w
+    lo, hi = bracket[0], bracket[1]
+    below = 0
+    found = 0
     for r in range(first, stop):
         top = r * block_h
         bottom = min(top + block_h, height)
@@ -129,34 +177,10 @@ def _keys(x, l2, block_h, block_w, first, stop, sums, bits, keys, magnitude, inf
         key_row = keys[r]
         for c in range(cols):
             key_row[c] = min(bits[c] & magnitude, inf)  # -0.0 -> +0.0's key, NaN -> +inf's
-
-
-@_jit
-def _bracketed(flat, lo, hi, per_chunk, cand_keys, cand_index):
-    """(keys below ``lo``, keys gathered): the keys in ``lo .. hi`` (of the keys' dtype, so
-    the compares stay 8 to a vector) gathered in index order. Vectorised counts first (below
-    lo; in the bracket per chunk of ``_CHUNK``), then a scalar look only into the chunks that
-    hold a bracketed key."""
-    n = flat.shape[0]
-    chunks = n // _CHUNK
-    below = 0
-    for i in range(n):
-        below += flat[i] < lo
-    for chunk in range(chunks):
-        inside = 0
-        for c in range(_CHUNK):
-            key = flat[chunk * _CHUNK + c]
-            inside += (key >= lo) & (key <= hi)
-        per_chunk[chunk] = inside
-    found = 0
-    for chunk in range(chunks + 1):
-        if chunk == chunks or per_chunk[chunk]:  # the last, partial chunk is always looked at
-            for i in range(chunk * _CHUNK, min(chunk * _CHUNK + _CHUNK, n)):
-                key = flat[i]
-                if lo <= key <= hi:
-                    cand_keys[found] = key
-                    cand_index[found] = i
-                    found += 1
+        row_below, found = _bracket_row(
+            key_row, r * cols, lo, hi, chunk_hits, cand_keys, cand_index, found
+        )
+        below += row_below
     return below, found
 
 
@@ -194,15 +218,23 @@ def _refine(cand_keys, cand_index, found, need, counts, shift, digit_bits):
 
 
 @_jit
-def _threshold(keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_bits, digit_bits):
+def _threshold(keys, k, tally, cand_keys, cand_index, counts, bracket, key_bits, digit_bits):
     """(threshold key, last dropped flat index among the keys equal to it) for dropping the
-    ``k`` smallest ``keys`` (k >= 1). Looks in ``bracket`` (lo, width) first, then moves it
-    onto the threshold for the next matrix: narrower while it holds over
-    ``_BRACKET_MAX_SHARE`` of the keys, 4x wider after a miss. ``bracket``: (lo, hi, width)
-    in the keys' dtype; lo > hi before the first threshold."""
+    ``k`` smallest ``keys`` (k >= 1), from what each lane of :func:`_keys` gathered (``tally``:
+    its keys below the bracket and in it; lanes hold consecutive rows). Then moves ``bracket``
+    (lo, hi, width, in the keys' dtype; empty before the first threshold) onto the threshold
+    for the next matrix: narrower while it holds over ``_BRACKET_MAX_SHARE`` of the keys, 4x
+    wider after a miss."""
+    below = 0
+    found = 0
+    for lane in range(tally.shape[0]):  # concatenated in lane order: index order
+        below += tally[lane, 0]
+        for i in range(tally[lane, 1]):
+            cand_keys[0, found] = cand_keys[lane, i]
+            cand_index[0, found] = cand_index[lane, i]
+            found += 1
     flat = keys.ravel()
     width = bracket[2]
-    below, found = _bracketed(flat, bracket[0], bracket[1], per_chunk, cand_keys, cand_index)
     if below < k <= below + found:
         if found > _BRACKET_MAX_SHARE * flat.shape[0] and width > 2:
             width //= 2
@@ -217,11 +249,11 @@ def _threshold(keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_b
         found = 0
         for i in range(flat.shape[0]):
             key = flat[i]
-            cand_keys[found] = key  # written always, kept if it matches: no branch to miss
-            cand_index[found] = i
+            cand_keys[0, found] = key  # written always, kept if it matches: no branch to miss
+            cand_index[0, found] = i
             found += key >> shift == digit
     threshold, last_tied = _refine(
-        cand_keys, cand_index, found, k - below, counts, key_bits, digit_bits
+        cand_keys[0], cand_index[0], found, k - below, counts, key_bits, digit_bits
     )
     bracket[0] = max(threshold - width // 2, 0)
     bracket[1] = min(threshold + width // 2, (1 << key_bits) - 1)
@@ -322,9 +354,10 @@ def _masks(
     sums,
     bits,
     keys,
-    per_chunk,
+    chunk_hits,
     cand_keys,
     cand_index,
+    tally,
     counts,
     bracket,
     magnitude,
@@ -334,10 +367,27 @@ def _masks(
 ):
     """The mask of every matrix of a (B, H, W) batch, in turn, in this thread."""
     rows = keys.shape[0]
+    tally[1:] = 0
     for b in range(x.shape[0]):
-        _keys(x[b], l2, block_h, block_w, 0, rows, sums[0], bits[0], keys, magnitude, inf)
+        tally[0, 0], tally[0, 1] = _keys(
+            x[b],
+            l2,
+            block_h,
+            block_w,
+            0,
+            rows,
+            sums[0],
+            bits[0],
+            keys,
+            magnitude,
+            inf,
+            bracket,
+            chunk_hits[0],
+            cand_keys[0],
+            cand_index[0],
+        )
         threshold, last_tied = _threshold(
-            keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
+            keys, k, tally, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
         )
         _write(block_h, block_w, keys, 0, rows, threshold, last_tied, mask[b])
         if zeros < block_h * block_w:
@@ -374,9 +424,10 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
             sums,
             sums.view(key_type),
             np.empty((rows, cols), dtype=key_type),
-            np.empty(rows * cols // _CHUNK, dtype=np.int32),
-            np.empty(rows * cols, dtype=key_type),
-            np.empty(rows * cols, dtype=np.int32),
+            np.empty((2, cols // _CHUNK + 1), dtype=np.int32),  # per lane: hits per chunk
+            np.empty((2, rows * cols), dtype=key_type),  # per lane: gathered keys
+            np.empty((2, rows * cols), dtype=np.int32),  # and their flat indices
+            np.zeros((2, 2), dtype=np.int64),  # per lane: (keys below the bracket, in it)
             np.empty(1 << _DIGIT_BITS, dtype=np.int32),
             # (lo, hi, width): about +-1% of the value around the first threshold, empty before
             np.array([1, 0, 2 ** (mantissa_bits - _BRACKET_START_BITS + 1)], dtype=key_type),
@@ -394,16 +445,32 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
 def _split_in_two(x, l2, block, k, zeros, mask, buffers) -> None:
     """:func:`_masks` of one large matrix with both passes over it split between this thread
     and a second one (see :mod:`._lanes`); the selection in between is one thread's."""
-    sums, bits, keys, per_chunk, cand_keys, cand_index, counts, bracket = buffers[:8]
-    magnitude, inf, key_bits, digit_bits = buffers[8:]
+    sums, bits, keys, chunk_hits, cand_keys, cand_index, tally, counts, bracket = buffers[:9]
+    magnitude, inf, key_bits, digit_bits = buffers[9:]
     rows = keys.shape[0]
     half = rows // 2
-    run_pair(
-        lambda: _keys(x, l2, *block, 0, half, sums[0], bits[0], keys, magnitude, inf),
-        lambda: _keys(x, l2, *block, half, rows, sums[1], bits[1], keys, magnitude, inf),
-    )
+
+    def keys_of(lane: int, first: int, stop: int) -> None:
+        tally[lane] = _keys(
+            x,
+            l2,
+            *block,
+            first,
+            stop,
+            sums[lane],
+            bits[lane],
+            keys,
+            magnitude,
+            inf,
+            bracket,
+            chunk_hits[lane],
+            cand_keys[lane],
+            cand_index[lane],
+        )
+
+    run_pair(lambda: keys_of(0, 0, half), lambda: keys_of(1, half, rows))
     threshold, last_tied = _threshold(
-        keys, k, per_chunk, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
+        keys, k, tally, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
     )
     run_pair(
         lambda: _write(*block, keys, 0, half, threshold, last_tied, mask),
