@@ -154,7 +154,6 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
         chunk_hits,
         cand_keys,
         cand_index,
-        tally,
         counts,
         bracket,
         magnitude,
@@ -162,36 +161,32 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
         key_bits,
         digit_bits,
     ) = kernel._buffers(*shape, torch.float32, (1, 4))
-    rows = keys.shape[0]
     found = {}
 
     def keys_pass(batch):
-        tally[0] = kernel._keys(
+        found["tally"] = kernel._keys(
             batch.numpy(),
             False,
             1,
             4,
-            0,
-            rows,
-            sums[0],
-            bits[0],
+            sums,
+            bits,
             keys,
             magnitude,
             inf,
             bracket,
-            chunk_hits[0],
-            cand_keys[0],
-            cand_index[0],
+            chunk_hits,
+            cand_keys,
+            cand_index,
         )
-        tally[1] = 0
 
     def selection(batch):
         found["threshold"] = kernel._threshold(
-            keys, k, tally, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
+            keys, k, *found["tally"], cand_keys, cand_index, counts, bracket, key_bits, digit_bits
         )
 
     def mask_write(batch):
-        kernel._write(1, 4, keys, 0, rows, *found["threshold"], mask.numpy())
+        kernel._write(1, 4, keys, *found["threshold"], mask.numpy())
 
     phases = {
         "whole transform call": transform,

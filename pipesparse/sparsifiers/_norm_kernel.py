@@ -15,10 +15,11 @@ counts, nonzero, kthvalue, the mask write) where the bound spends one multiply. 
 3. one pass writing the mask block by block.
 
 A non-negative float's bits sort as integers; NaN takes +inf's key (it ranks as +inf and ties
-with it, as in the tensor-op path). The loops over a block's entries are compiled for block
-widths 1, 2, 4 and 8 (unrolled and vectorised; other widths take a generic loop). It runs
-without the GIL, in the calling thread: a second thread did not pay on the 2-vCPU machine the
-benchmarks run on (the passes are vectorised and its two vCPUs share a core's vector units).
+with it, as in the tensor-op path). The loops over a block's entries are compiled unrolled for
+1x2 and 1x4 blocks (other widths take a generic loop). It runs without the GIL in the calling
+thread. Splitting a large matrix's passes over a second thread made the kernel alone ~1.6x
+faster but a SparsifyTransform slower on the 2-core benchmark machine (torch's OpenMP threads
+still spin after the masked multiply and take the second core), so it was left out.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import numba
 import numpy as np
 import torch
 
-from pipesparse.sparsifiers._lanes import run_pair
 from pipesparse.sparsifiers._scratch import scratch
 
 __all__ = ["supports", "write_mask"]
@@ -44,9 +44,6 @@ _BYTE_MASKS = (torch.bool, torch.uint8, torch.int8)
 _CACHE = threading.local()
 _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
 _CHUNK = 16  # keys tested at once for the bracket
-# entries (1 MB of float32) from which one matrix's passes are split between two threads: the
-# hand-off (~20-50 us) is then small next to the passes
-_SPLIT_MIN = 2**18
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
 # bracket around the last threshold, in key units (ulps): from about +-1% of the value, halved
 # while it gathers more than 2% of the keys, widened 4x when it misses
@@ -145,8 +142,6 @@ def _keys(
     l2,
     block_h,
     block_w,
-    first,
-    stop,
     sums,
     bits,
     keys,
@@ -157,16 +152,15 @@ def _keys(
     cand_keys,
     cand_index,
 ):
-    """Sort keys of the block means in block rows ``first:stop`` of one (H, W) matrix: the one
-    pass over the data. Returns (keys below the bracket, keys in it), the latter gathered in
+    """Sort keys of the block means of one (H, W) matrix: the one pass over the data. Returns (keys below the bracket, keys in it), the latter gathered in
     index order into ``cand_keys``/``cand_index``."""
     height, width = x.shape
-    cols = keys.shape[1]
+    rows, cols = keys.shape
     full = width // block_w
     lo, hi = bracket[0], bracket[1]
     below = 0
     found = 0
-    for r in range(first, stop):
+    for r in range(rows):
         top = r * block_h
         bottom = min(top + block_h, height)
         sums[:] = 0
@@ -218,21 +212,12 @@ def _refine(cand_keys, cand_index, found, need, counts, shift, digit_bits):
 
 
 @_jit
-def _threshold(keys, k, tally, cand_keys, cand_index, counts, bracket, key_bits, digit_bits):
+def _threshold(keys, k, below, found, cand_keys, cand_index, counts, bracket, key_bits, digit_bits):
     """(threshold key, last dropped flat index among the keys equal to it) for dropping the
-    ``k`` smallest ``keys`` (k >= 1), from what each lane of :func:`_keys` gathered (``tally``:
-    its keys below the bracket and in it; lanes hold consecutive rows). Then moves ``bracket``
-    (lo, hi, width, in the keys' dtype; empty before the first threshold) onto the threshold
-    for the next matrix: narrower while it holds over ``_BRACKET_MAX_SHARE`` of the keys, 4x
-    wider after a miss."""
-    below = 0
-    found = 0
-    for lane in range(tally.shape[0]):  # concatenated in lane order: index order
-        below += tally[lane, 0]
-        for i in range(tally[lane, 1]):
-            cand_keys[0, found] = cand_keys[lane, i]
-            cand_index[0, found] = cand_index[lane, i]
-            found += 1
+    ``k`` smallest ``keys`` (k >= 1), from what :func:`_keys` counted below the bracket and
+    gathered in it. Then moves ``bracket`` (lo, hi, width, in the keys' dtype; empty before the
+    first threshold) onto the threshold for the next matrix: narrower while it holds over
+    ``_BRACKET_MAX_SHARE`` of the keys, 4x wider after a miss."""
     flat = keys.ravel()
     width = bracket[2]
     if below < k <= below + found:
@@ -249,11 +234,11 @@ def _threshold(keys, k, tally, cand_keys, cand_index, counts, bracket, key_bits,
         found = 0
         for i in range(flat.shape[0]):
             key = flat[i]
-            cand_keys[0, found] = key  # written always, kept if it matches: no branch to miss
-            cand_index[0, found] = i
+            cand_keys[found] = key  # written always, kept if it matches: no branch to miss
+            cand_index[found] = i
             found += key >> shift == digit
     threshold, last_tied = _refine(
-        cand_keys[0], cand_index[0], found, k - below, counts, key_bits, digit_bits
+        cand_keys, cand_index, found, k - below, counts, key_bits, digit_bits
     )
     bracket[0] = max(threshold - width // 2, 0)
     bracket[1] = min(threshold + width // 2, (1 << key_bits) - 1)
@@ -331,13 +316,13 @@ def _keep_in_dropped(x, l2, block_h, block_w, keys, threshold, last_tied, zeros,
 
 
 @_jit
-def _write(block_h, block_w, keys, first, stop, threshold, last_tied, mask):
-    """Block rows ``first:stop`` of one matrix's mask: a block is dropped when its key is below
-    ``threshold``, or equal to it at a flat index up to ``last_tied``."""
+def _write(block_h, block_w, keys, threshold, last_tied, mask):
+    """One matrix's mask: a block is dropped when its key is below ``threshold``, or equal to
+    it at a flat index up to ``last_tied``."""
     height, width = mask.shape
-    cols = keys.shape[1]
+    rows, cols = keys.shape
     full = width // block_w
-    for r in range(first, stop):
+    for r in range(rows):
         for i in range(r * block_h, min(r * block_h + block_h, height)):
             _write_row_any(keys[r], r * cols, threshold, last_tied, mask[i], block_w, full)
 
@@ -357,7 +342,6 @@ def _masks(
     chunk_hits,
     cand_keys,
     cand_index,
-    tally,
     counts,
     bracket,
     magnitude,
@@ -365,31 +349,27 @@ def _masks(
     key_bits,
     digit_bits,
 ):
-    """The mask of every matrix of a (B, H, W) batch, in turn, in this thread."""
-    rows = keys.shape[0]
-    tally[1:] = 0
+    """The mask of every matrix of a (B, H, W) batch, in turn."""
     for b in range(x.shape[0]):
-        tally[0, 0], tally[0, 1] = _keys(
+        below, found = _keys(
             x[b],
             l2,
             block_h,
             block_w,
-            0,
-            rows,
-            sums[0],
-            bits[0],
+            sums,
+            bits,
             keys,
             magnitude,
             inf,
             bracket,
-            chunk_hits[0],
-            cand_keys[0],
-            cand_index[0],
+            chunk_hits,
+            cand_keys,
+            cand_index,
         )
         threshold, last_tied = _threshold(
-            keys, k, tally, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
+            keys, k, below, found, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
         )
-        _write(block_h, block_w, keys, 0, rows, threshold, last_tied, mask[b])
+        _write(block_h, block_w, keys, threshold, last_tied, mask[b])
         if zeros < block_h * block_w:
             _keep_in_dropped(x[b], l2, block_h, block_w, keys, threshold, last_tied, zeros, mask[b])
 
@@ -418,16 +398,15 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
     if found is None:
         key_dtype, key_bits, mantissa_bits = _KEY_TYPES[dtype]
         rows, cols = -(-height // block[0]), -(-width // block[1])
-        sums = np.empty((2, cols), dtype=torch.empty(0, dtype=dtype).numpy().dtype)  # a row each
+        sums = np.empty(cols, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
         key_type = torch.empty(0, dtype=key_dtype).numpy().dtype
         found = (
             sums,
             sums.view(key_type),
             np.empty((rows, cols), dtype=key_type),
-            np.empty((2, cols // _CHUNK + 1), dtype=np.int32),  # per lane: hits per chunk
-            np.empty((2, rows * cols), dtype=key_type),  # per lane: gathered keys
-            np.empty((2, rows * cols), dtype=np.int32),  # and their flat indices
-            np.zeros((2, 2), dtype=np.int64),  # per lane: (keys below the bracket, in it)
+            np.empty(cols // _CHUNK + 1, dtype=np.int32),  # bracketed keys per chunk of a row
+            np.empty(rows * cols, dtype=key_type),  # the keys gathered from the bracket
+            np.empty(rows * cols, dtype=np.int32),  # and their flat indices
             np.empty(1 << _DIGIT_BITS, dtype=np.int32),
             # (lo, hi, width): about +-1% of the value around the first threshold, empty before
             np.array([1, 0, 2 ** (mantissa_bits - _BRACKET_START_BITS + 1)], dtype=key_type),
@@ -442,44 +421,6 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
     return found
 
 
-def _split_in_two(x, l2, block, k, zeros, mask, buffers) -> None:
-    """:func:`_masks` of one large matrix with both passes over it split between this thread
-    and a second one (see :mod:`._lanes`); the selection in between is one thread's."""
-    sums, bits, keys, chunk_hits, cand_keys, cand_index, tally, counts, bracket = buffers[:9]
-    magnitude, inf, key_bits, digit_bits = buffers[9:]
-    rows = keys.shape[0]
-    half = rows // 2
-
-    def keys_of(lane: int, first: int, stop: int) -> None:
-        tally[lane] = _keys(
-            x,
-            l2,
-            *block,
-            first,
-            stop,
-            sums[lane],
-            bits[lane],
-            keys,
-            magnitude,
-            inf,
-            bracket,
-            chunk_hits[lane],
-            cand_keys[lane],
-            cand_index[lane],
-        )
-
-    run_pair(lambda: keys_of(0, 0, half), lambda: keys_of(1, half, rows))
-    threshold, last_tied = _threshold(
-        keys, k, tally, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
-    )
-    run_pair(
-        lambda: _write(*block, keys, 0, half, threshold, last_tied, mask),
-        lambda: _write(*block, keys, half, rows, threshold, last_tied, mask),
-    )
-    if zeros < block[0] * block[1]:
-        _keep_in_dropped(x, l2, *block, keys, threshold, last_tied, zeros, mask)
-
-
 def write_mask(
     matrices: torch.Tensor,
     mask: torch.Tensor,
@@ -490,9 +431,7 @@ def write_mask(
 ) -> None:
     """Write the mask of (B, H, W) ``matrices`` into ``mask`` (same shape, contiguous; see
     :func:`supports`): in each matrix the ``k`` (>= 1) blocks of lowest mean norm are dropped,
-    ``zeros`` entries of each (all when ``zeros`` covers the block). A single large matrix is
-    split between two threads when torch may use more than one (DataLoader workers, which
-    torch limits to one thread, stay on one).
+    ``zeros`` entries of each (all when ``zeros`` covers the block).
 
     float16, bfloat16 and integer data are ranked in float32, as the tensor-op path ranks
     them. A mask of another dtype than the (ranked) data's, other than a one-byte one, is
@@ -508,9 +447,6 @@ def write_mask(
         target = scratch("kernel_mask", tuple(mask.shape), torch.uint8)
     buffers = _buffers(height, width, matrices.dtype, block)
     target_array = target.detach().view(-1, height, width).numpy()
-    if x.shape[0] == 1 and x.size >= _SPLIT_MIN and torch.get_num_threads() > 1:
-        _split_in_two(x[0], norm == "L2", block, k, zeros, target_array[0], buffers)
-    else:
-        _masks(x, norm == "L2", *block, k, zeros, target_array, *buffers)
+    _masks(x, norm == "L2", *block, k, zeros, target_array, *buffers)
     if target.data_ptr() != mask.data_ptr():
         mask.copy_(target)
