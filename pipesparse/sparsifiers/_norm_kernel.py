@@ -44,6 +44,7 @@ _BYTE_MASKS = (torch.bool, torch.uint8, torch.int8)
 _CACHE = threading.local()
 _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
 _CHUNK = 16  # keys tested at once for the bracket
+_SORTED_MAX = 512  # up to this many keys, a stable sort selects the k-th (no digit counts)
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
 # bracket around the last threshold, in key units (ulps): from about +-1% of the value, halved
 # while it gathers more than 2% of the keys, widened 4x when it misses
@@ -191,7 +192,11 @@ def _digit_of_kth(counts, bins, k, below):
 @_jit
 def _refine(cand_keys, cand_index, found, need, counts, shift, digit_bits):
     """(key, index) of the ``need``-th smallest of the first ``found`` candidates (in index
-    order, keys below ``2 ** shift``), ties to the lower index: radix digits from the top."""
+    order, keys below ``2 ** shift``), ties to the lower index: radix digits from the top, or
+    a stable sort when there are few (a digit's counts would outnumber them)."""
+    if found <= _SORTED_MAX:
+        order = np.argsort(cand_keys[:found], kind="mergesort")
+        return cand_keys[order[need - 1]], cand_index[order[need - 1]]
     below = 0
     while shift > 0:
         low = max(shift - digit_bits, 0)
@@ -220,7 +225,12 @@ def _threshold(keys, k, below, found, cand_keys, cand_index, counts, bracket, ke
     ``_BRACKET_MAX_SHARE`` of the keys, 4x wider after a miss."""
     flat = keys.ravel()
     width = bracket[2]
-    if below < k <= below + found:
+    if flat.shape[0] <= _SORTED_MAX:  # a small matrix: all its keys, sorted
+        below = 0
+        found = flat.shape[0]
+        cand_keys[:found] = flat
+        cand_index[:found] = np.arange(found)
+    elif below < k <= below + found:
         if found > _BRACKET_MAX_SHARE * flat.shape[0] and width > 2:
             width //= 2
     else:  # missed: gather the keys of the top digit holding the k-th instead
