@@ -153,8 +153,9 @@ def _keys(
     cand_keys,
     cand_index,
 ):
-    """Sort keys of the block means of one (H, W) matrix: the one pass over the data. Returns (keys below the bracket, keys in it), the latter gathered in
-    index order into ``cand_keys``/``cand_index``."""
+    """Sort keys of the block means of one (H, W) matrix: the one pass over the data.
+    Returns (keys below the bracket, keys in it), the latter gathered in index order into
+    ``cand_keys``/``cand_index``."""
     height, width = x.shape
     rows, cols = keys.shape
     full = width // block_w
@@ -234,7 +235,7 @@ def _threshold(keys, k, below, found, cand_keys, cand_index, counts, bracket, ke
         if found > _BRACKET_MAX_SHARE * flat.shape[0] and width > 2:
             width //= 2
     else:  # missed: gather the keys of the top digit holding the k-th instead
-        width = min(width * 4, 1 << (key_bits - 1))
+        width = min(width, 1 << (key_bits - 3)) * 4  # at most 2 ** (key_bits - 1): no overflow
         shift = key_bits - digit_bits
         bins = 1 << digit_bits
         counts[:bins] = 0
@@ -250,8 +251,9 @@ def _threshold(keys, k, below, found, cand_keys, cand_index, counts, bracket, ke
     threshold, last_tied = _refine(
         cand_keys, cand_index, found, k - below, counts, key_bits, digit_bits
     )
+    largest = ((1 << (key_bits - 1)) - 1) * 2 + 1  # 2 ** key_bits - 1 without overflowing
     bracket[0] = max(threshold - width // 2, 0)
-    bracket[1] = min(threshold + width // 2, (1 << key_bits) - 1)
+    bracket[1] = threshold + min(width // 2, largest - threshold)
     bracket[2] = width
     return threshold, last_tied
 

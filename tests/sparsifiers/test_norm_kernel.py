@@ -410,3 +410,21 @@ def test_threads_each_stepping_their_own_sparsifier():
         for step, (x, mask) in enumerate(results):
             expected = norm_keep_mask(x, levels[worker], block, None, "L2")
             assert torch.equal(mask.bool(), expected), (worker, step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_bracket_widened_to_its_limit_stays_exact(dtype):
+    # scales jumping across the whole exponent range keep missing: the bracket grows to its
+    # cap (no integer overflow in its bounds) and every mask stays exact
+    generator = torch.Generator().manual_seed(0)
+    span = 60 if dtype == torch.float32 else 300
+    sparsifier = DataNormSparsifier(sparsity_level=0.3)
+    for i in range(40):
+        scale = 10.0 ** ((i * 37) % span - span // 2)
+        x = torch.randn(64, 64, generator=generator, dtype=dtype) * scale
+        sparsifier.add_data("x", x)
+        sparsifier.step()
+        expected = norm_keep_mask(x, 0.3, (1, 4), None, "L1")
+        assert torch.equal(sparsifier.get_mask("x").bool(), expected), i
+    lo, hi, width = bracket(64, 64, dtype, (1, 4))
+    assert 0 <= lo <= hi and width > 2**20
