@@ -139,28 +139,15 @@ def memory_growth(batches: int) -> tuple[float, float]:
 def profile_every_batch(shape: tuple[int, int]) -> str:
     """Where an every-batch step's time goes (median microseconds per batch over the batch
     stream, each part on a batch from memory): a whole transform call, its mask (the CPU
-    kernel, as the transform calls it) and its masked multiply (which is the bound), then the kernel's
-    three phases one by one in one thread. Share = of a whole transform call."""
+    kernel, as the transform calls it) and its masked multiply (which is the bound), then the
+    kernel's three phases one by one in one thread. Share = of a whole transform call."""
     from pipesparse.sparsifiers import _norm_kernel as kernel
 
     pool = batch_pool(shape)
     transform = SparsifyTransform(DataNormSparsifier(**CONFIG))
     mask = torch.ones(shape)
     k = round(CONFIG["sparsity_level"] * shape[0] * shape[1] // 4)
-    (
-        sums,
-        bits,
-        keys,
-        chunk_hits,
-        cand_keys,
-        cand_index,
-        counts,
-        bracket,
-        magnitude,
-        inf,
-        key_bits,
-        digit_bits,
-    ) = kernel._buffers(*shape, torch.float32, (1, 4))
+    buf = kernel._buffers(*shape, torch.float32, (1, 4))
     found = {}
 
     def keys_pass(batch):
@@ -169,24 +156,32 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
             False,
             1,
             4,
-            sums,
-            bits,
-            keys,
-            magnitude,
-            inf,
-            bracket,
-            chunk_hits,
-            cand_keys,
-            cand_index,
+            buf.sums,
+            buf.bits,
+            buf.keys,
+            buf.magnitude,
+            buf.inf,
+            buf.bracket,
+            buf.chunk_hits,
+            buf.cand_keys,
+            buf.cand_index,
         )
 
     def selection(batch):
         found["threshold"] = kernel._threshold(
-            keys, k, *found["tally"], cand_keys, cand_index, counts, bracket, key_bits, digit_bits
+            buf.keys,
+            k,
+            *found["tally"],
+            buf.cand_keys,
+            buf.cand_index,
+            buf.counts,
+            buf.bracket,
+            buf.key_bits,
+            buf.digit_bits,
         )
 
     def mask_write(batch):
-        kernel._write(1, 4, keys, *found["threshold"], mask.numpy())
+        kernel._write(1, 4, buf.keys, *found["threshold"], mask.numpy())
 
     phases = {
         "whole transform call": transform,

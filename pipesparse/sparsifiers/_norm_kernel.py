@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -398,10 +399,28 @@ def supports(data: torch.Tensor, mask: torch.Tensor, block: tuple[int, int], zer
     )
 
 
-def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]) -> tuple:
+class _Buffers(NamedTuple):
+    """A thread's scratch arrays and constants for one matrix shape, in :func:`_masks`'s
+    argument order (passed as ``*buffers``; named for the benchmark's per-phase profile)."""
+
+    sums: np.ndarray  # a row of block sums, then means
+    bits: np.ndarray  # the same row as integers
+    keys: np.ndarray  # (rows, cols) sort keys
+    chunk_hits: np.ndarray  # bracketed keys per chunk of a row
+    cand_keys: np.ndarray  # the keys gathered from the bracket
+    cand_index: np.ndarray  # and their flat indices
+    counts: np.ndarray  # one digit's counts
+    bracket: np.ndarray  # (lo, hi, width); carries over from matrix to matrix
+    magnitude: Any  # every bit of a key but the sign
+    inf: Any  # +inf's key
+    key_bits: int
+    digit_bits: int
+
+
+def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]) -> _Buffers:
     """The kernel's scratch arrays and constants for one matrix shape, kept by this thread
     (building them costs more than a small matrix's mask), with the bracket that carries over
-    from matrix to matrix: a row of block sums (and its bits), keys, candidates, counts."""
+    from matrix to matrix."""
     cache = getattr(_CACHE, "buffers", None)
     if cache is None:
         cache = _CACHE.buffers = {}
@@ -412,20 +431,22 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
         rows, cols = -(-height // block[0]), -(-width // block[1])
         sums = np.empty(cols, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
         key_type = torch.empty(0, dtype=key_dtype).numpy().dtype
-        found = (
-            sums,
-            sums.view(key_type),
-            np.empty((rows, cols), dtype=key_type),
-            np.empty(cols // _CHUNK + 1, dtype=np.int32),  # bracketed keys per chunk of a row
-            np.empty(rows * cols, dtype=key_type),  # the keys gathered from the bracket
-            np.empty(rows * cols, dtype=np.int32),  # and their flat indices
-            np.empty(1 << _DIGIT_BITS, dtype=np.int32),
-            # (lo, hi, width): about +-1% of the value around the first threshold, empty before
-            np.array([1, 0, 2 ** (mantissa_bits - _BRACKET_START_BITS + 1)], dtype=key_type),
-            key_type.type((1 << key_bits) - 1),
-            np.array(math.inf, dtype=sums.dtype).view(key_type)[()],
-            key_bits,
-            _DIGIT_BITS,
+        found = _Buffers(
+            sums=sums,
+            bits=sums.view(key_type),
+            keys=np.empty((rows, cols), dtype=key_type),
+            chunk_hits=np.empty(cols // _CHUNK + 1, dtype=np.int32),
+            cand_keys=np.empty(rows * cols, dtype=key_type),
+            cand_index=np.empty(rows * cols, dtype=np.int32),
+            counts=np.empty(1 << _DIGIT_BITS, dtype=np.int32),
+            # about +-1% of the value around the first threshold; empty (lo > hi) before it
+            bracket=np.array(
+                [1, 0, 2 ** (mantissa_bits - _BRACKET_START_BITS + 1)], dtype=key_type
+            ),
+            magnitude=key_type.type((1 << key_bits) - 1),
+            inf=np.array(math.inf, dtype=sums.dtype).view(key_type)[()],
+            key_bits=key_bits,
+            digit_bits=_DIGIT_BITS,
         )
         if len(cache) >= _CACHE_MAX:
             cache.clear()

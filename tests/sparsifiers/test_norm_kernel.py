@@ -76,7 +76,7 @@ def reference_mask(x, level, block, zeros, rule) -> torch.Tensor:
 
 def bracket(height, width, dtype, block) -> tuple[int, int, int]:
     """(lo, hi, width) of this thread's bracket for a matrix shape (kernel internals)."""
-    lo, hi, size = _norm_kernel._buffers(height, width, dtype, block)[7]
+    lo, hi, size = _norm_kernel._buffers(height, width, dtype, block).bracket
     return int(lo), int(hi), int(size)
 
 
