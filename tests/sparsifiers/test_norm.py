@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -20,17 +19,6 @@ def _mask(x: torch.Tensor, **config) -> torch.Tensor:
     s.add_data("x", x, **config)
     s.step()
     return s.get_mask("x")
-
-
-def _reference_mask(x: torch.Tensor, norm: str = "L1", **config) -> torch.Tensor:
-    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as Reference
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = Reference(norm=norm, **config)
-        ref.add_data("x", x)
-        ref.step()
-    return ref.get_mask("x")
 
 
 def test_defaults():
@@ -70,10 +58,10 @@ def test_sparsity_at_or_below_zero_keeps_everything(level):
     assert torch.equal(_mask(torch.randn(4, 8), sparsity_level=level), torch.ones(4, 8))
 
 
-def test_negative_sparsity_does_not_repeat_the_reference_bug():
+def test_negative_sparsity_does_not_repeat_the_reference_bug(torch_ao_mask):
     """torch.ao slices its sorted block list with a negative index: -0.5 removes half the blocks."""
     x = torch.randn(4, 8)
-    ref = _reference_mask(x, sparsity_level=-0.5, sparse_block_shape=(1, 1))
+    ref = torch_ao_mask(x, sparsity_level=-0.5, sparse_block_shape=(1, 1))
     assert int((ref == 0).sum()) == 16  # the reference's bug
     assert torch.equal(_mask(x, sparsity_level=-0.5, sparse_block_shape=(1, 1)), torch.ones(4, 8))
 
@@ -163,14 +151,14 @@ def test_half_precision_ranks_like_float32(dtype):
 
 # -- N-D ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("zeros", [None, 1])
-def test_leading_dims_are_a_batch_of_matrices(zeros):
+def test_leading_dims_are_a_batch_of_matrices(zeros, torch_ao_mask):
     x = torch.randn(2, 3, 5, 7)
     config = dict(sparsity_level=0.4, sparse_block_shape=(2, 3), zeros_per_block=zeros)
     mask = _mask(x, **config)
     for i in range(2):
         for j in range(3):
             assert torch.equal(mask[i, j], _mask(x[i, j], **config))
-            assert torch.equal(mask[i, j].bool(), _reference_mask(x[i, j], **config).bool())
+            assert torch.equal(mask[i, j].bool(), torch_ao_mask(x[i, j], **config).bool())
 
 
 def test_one_d_data_is_one_row_and_zero_d_one_element():
@@ -184,7 +172,7 @@ def test_empty_data_gets_an_empty_mask():
     assert _mask(torch.randn(0, 4)).shape == (0, 4)
 
 
-def test_a_column_is_handled_as_a_column():
+def test_a_column_is_handled_as_a_column(torch_ao_mask):
     """(n, 1) is an n x 1 matrix: its blocks run down the column. torch.ao squeezes it to a
     row and stores a mask of the wrong shape (1, n)."""
     x = torch.randn(10, 1)
@@ -192,9 +180,9 @@ def test_a_column_is_handled_as_a_column():
     assert mask.shape == (10, 1)
     assert torch.equal(mask, _mask(x.T, sparsity_level=0.5, sparse_block_shape=(1, 2)).T)
     # equal to the reference on the transposed problem, where it works
-    ref_t = _reference_mask(x.T.contiguous(), sparsity_level=0.5, sparse_block_shape=(1, 2))
+    ref_t = torch_ao_mask(x.T.contiguous(), sparsity_level=0.5, sparse_block_shape=(1, 2))
     assert torch.equal(mask.bool(), ref_t.T.bool())
-    assert _reference_mask(x, sparsity_level=0.5, sparse_block_shape=(2, 1)).shape == (1, 10)
+    assert torch_ao_mask(x, sparsity_level=0.5, sparse_block_shape=(2, 1)).shape == (1, 10)
 
 
 # -- differential test against torch.ao ----------------------------------------------------------
@@ -208,11 +196,13 @@ def test_a_column_is_handled_as_a_column():
     norm=st.sampled_from(["L1", "L2"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_masks_equal_the_reference(height, width, block, zeros_fraction, sparsity, norm, seed):
+def test_masks_equal_the_reference(
+    height, width, block, zeros_fraction, sparsity, norm, seed, torch_ao_mask
+):
     x = torch.randn(height, width, generator=torch.Generator().manual_seed(seed))  # tie-free
     zeros = None if zeros_fraction is None else round(zeros_fraction * block[0] * block[1])
     config = dict(sparsity_level=sparsity, sparse_block_shape=block, zeros_per_block=zeros)
     ours = _mask(x, norm=norm, **config)
     if zeros is None:
         config["zeros_per_block"] = block[0] * block[1]
-    assert torch.equal(ours.bool(), _reference_mask(x, norm=norm, **config).bool())
+    assert torch.equal(ours.bool(), torch_ao_mask(x, norm=norm, **config).bool())

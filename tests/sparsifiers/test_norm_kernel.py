@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
@@ -18,7 +17,6 @@ import pytest
 import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefNorm
 from torch.nn import functional as F
 
 from pipesparse.sparsifiers import _norm_kernel, norm
@@ -63,15 +61,6 @@ def assert_exact_01(mask: torch.Tensor) -> None:
     assert torch.equal(mask, keep.to(mask.dtype))
     if mask.is_floating_point():
         assert not torch.signbit(mask).any(), "mask holds -0.0"
-
-
-def reference_mask(x, level, block, zeros, rule) -> torch.Tensor:
-    ref = RefNorm(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=rule)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref.add_data("x", x.clone())
-        ref.step()
-    return ref.get_mask("x").bool()
 
 
 def bracket(height, width, dtype, block) -> tuple[int, int, int]:
@@ -141,7 +130,7 @@ def test_kernel_masks_equal_the_tensor_op_path(case):
 @pytest.mark.parametrize("block,zeros", [((1, 4), None), ((2, 2), None), ((1, 3), None),
                                          ((2, 2), 2), ((1, 3), 1)])  # fmt: skip
 @pytest.mark.parametrize("rule", ["L1", "L2"])
-def test_kernel_masks_equal_torch_ao_on_large_matrices(shape, block, zeros, rule):
+def test_kernel_masks_equal_torch_ao_on_large_matrices(shape, block, zeros, rule, torch_ao_mask):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1] + block[1]))
     values = x.abs() if rule == "L1" else x * x
     means = F.avg_pool2d(values[None, None], block, block, ceil_mode=True).flatten()
@@ -155,7 +144,12 @@ def test_kernel_masks_equal_torch_ao_on_large_matrices(shape, block, zeros, rule
             got = step_mask(x, level, block, zeros, rule)
         assert len(calls) == 1
         ref_zeros = per_block if zeros is None else zeros
-        assert torch.equal(got.bool(), reference_mask(x, level, block, ref_zeros, rule))
+        assert torch.equal(
+            got.bool(),
+            torch_ao_mask(
+                x, rule, sparsity_level=level, sparse_block_shape=block, zeros_per_block=ref_zeros
+            ).bool(),
+        )
 
 
 # ------------------------------------------------------------- 3. a stream that shifts scale
