@@ -162,7 +162,7 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
             buf.magnitude,
             buf.inf,
             buf.bracket,
-            buf.chunk_hits,
+            buf.in_bracket,
             buf.cand_keys,
             buf.cand_index,
         )

@@ -44,7 +44,6 @@ _KEY_TYPES = {torch.float32: (torch.int32, 31, 23), torch.float64: (torch.int64,
 _BYTE_MASKS = (torch.bool, torch.uint8, torch.int8)
 _CACHE = threading.local()
 _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
-_CHUNK = 16  # keys tested at once for the bracket
 _SORTED_MAX = 512  # up to this many keys, a stable sort selects the k-th (no digit counts)
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
 # bracket around the last threshold, in key units (ulps): from about +-1% of the value, halved
@@ -111,28 +110,23 @@ def _divide(sums, start, stop, count):
 
 
 @_inline
-def _bracket_row(key_row, start, lo, hi, chunk_hits, cand_keys, cand_index, found):
+def _bracket_row(key_row, start, lo, hi, in_bracket, cand_keys, cand_index, found):
     """(keys of one row below ``lo``, candidates now): the row's keys in ``lo .. hi`` appended
-    in index order (``start`` = the row's first flat index). Vectorised counts first (below
-    lo; in the bracket, per chunk of ``_CHUNK``), then a scalar look only into the chunks that
-    hold a bracketed key (1-2% of the keys are in the bracket)."""
+    in index order (``start`` = the row's first flat index). One vectorised loop counts the
+    keys below and flags those in the bracket (one byte each); a scalar look then goes only
+    into the 8-byte words of flags that hold one (1-2% of the keys are in the bracket)."""
     cols = key_row.shape[0]
     below = 0
     for c in range(cols):
-        below += key_row[c] < lo
-    chunks = cols // _CHUNK
-    for chunk in range(chunks):
-        inside = 0
-        for c in range(_CHUNK):
-            key = key_row[chunk * _CHUNK + c]
-            inside += (key >= lo) & (key <= hi)
-        chunk_hits[chunk] = inside
-    for chunk in range(chunks + 1):
-        if chunk == chunks or chunk_hits[chunk]:  # the last, partial chunk is always looked at
-            for c in range(chunk * _CHUNK, min(chunk * _CHUNK + _CHUNK, cols)):
-                key = key_row[c]
-                if lo <= key <= hi:
-                    cand_keys[found] = key
+        key = key_row[c]
+        below += key < lo
+        in_bracket[c] = (key >= lo) & (key <= hi)
+    words = in_bracket.view(np.uint64)
+    for word in range(-(-cols // 8)):
+        if words[word]:
+            for c in range(word * 8, min(word * 8 + 8, cols)):
+                if in_bracket[c]:
+                    cand_keys[found] = key_row[c]
                     cand_index[found] = start + c
                     found += 1
     return below, found
@@ -150,7 +144,7 @@ def _keys(
     magnitude,
     inf,
     bracket,
-    chunk_hits,
+    in_bracket,
     cand_keys,
     cand_index,
 ):
@@ -175,7 +169,7 @@ def _keys(
         for c in range(cols):
             key_row[c] = min(bits[c] & magnitude, inf)  # -0.0 -> +0.0's key, NaN -> +inf's
         row_below, found = _bracket_row(
-            key_row, r * cols, lo, hi, chunk_hits, cand_keys, cand_index, found
+            key_row, r * cols, lo, hi, in_bracket, cand_keys, cand_index, found
         )
         below += row_below
     return below, found
@@ -352,7 +346,7 @@ def _masks(
     sums,
     bits,
     keys,
-    chunk_hits,
+    in_bracket,
     cand_keys,
     cand_index,
     counts,
@@ -375,7 +369,7 @@ def _masks(
             magnitude,
             inf,
             bracket,
-            chunk_hits,
+            in_bracket,
             cand_keys,
             cand_index,
         )
@@ -406,7 +400,7 @@ class _Buffers(NamedTuple):
     sums: np.ndarray  # a row of block sums, then means
     bits: np.ndarray  # the same row as integers
     keys: np.ndarray  # (rows, cols) sort keys
-    chunk_hits: np.ndarray  # bracketed keys per chunk of a row
+    in_bracket: np.ndarray  # 1 where a key of the row is in the bracket
     cand_keys: np.ndarray  # the keys gathered from the bracket
     cand_index: np.ndarray  # and their flat indices
     counts: np.ndarray  # one digit's counts
@@ -435,7 +429,7 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
             sums=sums,
             bits=sums.view(key_type),
             keys=np.empty((rows, cols), dtype=key_type),
-            chunk_hits=np.empty(cols // _CHUNK + 1, dtype=np.int32),
+            in_bracket=np.zeros(-(-cols // 8) * 8, dtype=np.uint8),  # whole 8-byte words
             cand_keys=np.empty(rows * cols, dtype=key_type),
             cand_index=np.empty(rows * cols, dtype=np.int32),
             counts=np.empty(1 << _DIGIT_BITS, dtype=np.int32),
