@@ -140,7 +140,8 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
     """Where an every-batch step's time goes (median microseconds per batch over the batch
     stream, each part on a batch from memory): a whole transform call, its mask (the CPU
     kernel, as the transform calls it) and its masked multiply (which is the bound), then the
-    kernel's three phases one by one in one thread. Share = of a whole transform call."""
+    kernel's three phases one by one in one thread, and the same multiply on one thread (the
+    kernel runs on one). Share = of a whole transform call."""
     from pipesparse.sparsifiers import _norm_kernel as kernel
 
     pool = batch_pool(shape)
@@ -204,6 +205,16 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
             step(batch if name.startswith("kernel phase") else other)
             times[name].append(time.perf_counter() - start)
     us = {name: statistics.median(values) * 1e6 for name, values in times.items()}
+    # the kernel has one core; the bound has two. One core's multiply shows what one lane streams
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    one_core = []
+    for batch in pool:
+        start = time.perf_counter()
+        batch * mask
+        one_core.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    us["masked view on one thread (what one core streams)"] = statistics.median(one_core) * 1e6
     whole = us["whole transform call"]
     rows_out = [[name, value, f"{value / whole:.0%}"] for name, value in us.items()]
     title = f"{shape[0]}x{shape[1]} every batch: median us per batch"

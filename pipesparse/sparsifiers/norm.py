@@ -186,7 +186,7 @@ def _blocks_to_drop(
     zeros = per_block if zeros_per_block is None else zeros_per_block
     if data.numel() == 0 or sparsity_level <= 0 or zeros == 0:
         return 0, zeros
-    height, width = _as_matrices(data).shape[1:]
+    height, width = (1, 1, *data.shape)[-2:]  # 0-D: one element, 1-D: one row
     num_blocks = -(-height // block[0]) * -(-width // block[1])
     # level >= 1 (also inf, which round() rejects) removes every block
     return (num_blocks if sparsity_level >= 1 else round(sparsity_level * num_blocks)), zeros
