@@ -21,6 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefNorm
 
@@ -151,21 +152,28 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
     buf = kernel._buffers(*shape, torch.float32, (1, 4))
     found = {}
 
+    ctrl = np.zeros(8, dtype=np.int64)  # the kernel's chunk counters, one thread
+
     def keys_pass(batch):
-        found["tally"] = kernel._keys(
+        ctrl[:] = 0
+        kernel._key_chunks(
             batch.numpy(),
             False,
             1,
             4,
-            buf.sums,
-            buf.bits,
             buf.keys,
             buf.magnitude,
             buf.inf,
             buf.bracket,
-            buf.in_bracket,
             buf.cand_keys,
             buf.cand_index,
+            buf.tally,
+            buf.chunk_rows,
+            ctrl,
+        )
+        chunks = buf.tally.shape[0]
+        found["tally"] = kernel._merge(
+            buf.tally, chunks, buf.chunk_rows, buf.keys.shape[1], buf.cand_keys, buf.cand_index
         )
 
     def selection(batch):
@@ -182,7 +190,9 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
         )
 
     def mask_write(batch):
-        kernel._write(1, 4, buf.keys, *found["threshold"], mask.numpy())
+        kernel._write_chunks(
+            1, 4, buf.keys, *found["threshold"], mask.numpy(), buf.chunk_rows, ctrl
+        )
 
     phases = {
         "whole transform call": transform,

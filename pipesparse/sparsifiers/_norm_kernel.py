@@ -16,14 +16,18 @@ counts, nonzero, kthvalue, the mask write) where the bound spends one multiply. 
 
 A non-negative float's bits sort as integers; NaN takes +inf's key (it ranks as +inf and ties
 with it, as in the tensor-op path). The loops over a block's entries are compiled unrolled for
-1x2 and 1x4 blocks (other widths take a generic loop). It runs without the GIL in the calling
-thread. Splitting a large matrix's passes over a second thread made the kernel alone ~1.6x
-faster but a SparsifyTransform slower on the 2-core benchmark machine (torch's OpenMP threads
-still spin after the masked multiply and take the second core), so it was left out.
+1x2 and 1x4 blocks (other widths take a generic loop).
+
+It runs without the GIL in the calling thread. Both passes are cut into chunks of block rows
+that threads claim with an atomic counter; each chunk's bracketed keys go to a stretch of
+their own and are merged in chunk order, so ties still go to the lower index. On one large
+matrix, when torch may use two threads, the lane's helper thread (:mod:`._lane`) claims
+chunks too; one that wakes late claims fewer, so the caller never waits for it to start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Any, NamedTuple
@@ -32,6 +36,9 @@ import numba
 import numpy as np
 import torch
 
+from pipesparse.sparsifiers import _lane
+from pipesparse.sparsifiers._atomics import atomic_add, atomic_cas, atomic_load, atomic_store
+from pipesparse.sparsifiers._lane import CLOSED, JOINED, LEFT, OPEN, STATE
 from pipesparse.sparsifiers._scratch import scratch
 
 __all__ = ["supports", "write_mask"]
@@ -46,6 +53,12 @@ _CACHE = threading.local()
 _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
 _SORTED_MAX = 512  # up to this many keys, a stable sort selects the k-th (no digit counts)
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
+_CHUNK_ENTRIES = 16384  # a chunk of block rows that threads claim holds about this many entries
+# smaller matrices run alone: the helper wakes ~100 us late here, and torch's OpenMP threads,
+# still spinning after the transform's multiply, compete with it for the second core
+_LANE_MIN_ENTRIES = 1 << 19
+# the kernel's counters in the lane's ctrl words, after STATE and LEFT
+_KEYS_NEXT, _KEYS_DONE, _READY, _WRITE_NEXT, _WRITE_DONE = 2, 3, 4, 5, 6
 # bracket around the last threshold, in key units (ulps): from about +-1% of the value, halved
 # while it gathers more than 2% of the keys, widened 4x when it misses
 _BRACKET_START_BITS = 7  # half the width = 2 ** (mantissa bits - this)
@@ -132,32 +145,36 @@ def _bracket_row(key_row, start, lo, hi, in_bracket, cand_keys, cand_index, foun
     return below, found
 
 
-@_jit
-def _keys(
+@_inline
+def _key_rows(
     x,
     l2,
     block_h,
     block_w,
-    sums,
-    bits,
     keys,
     magnitude,
     inf,
-    bracket,
-    in_bracket,
+    lo,
+    hi,
     cand_keys,
     cand_index,
+    top_row,
+    stop_row,
+    sums,
+    bits,
+    in_bracket,
 ):
-    """Sort keys of the block means of one (H, W) matrix: the one pass over the data.
-    Returns (keys below the bracket, keys in it), the latter gathered in index order into
-    ``cand_keys``/``cand_index``."""
+    """Sort keys of the block means of block rows ``top_row:stop_row`` of one (H, W) matrix:
+    the one pass over their data. Returns (keys below the bracket, keys in it), the latter
+    gathered in index order into ``cand_keys``/``cand_index`` from the rows' first flat index
+    on (a stretch no other rows write)."""
     height, width = x.shape
-    rows, cols = keys.shape
+    cols = keys.shape[1]
     full = width // block_w
-    lo, hi = bracket[0], bracket[1]
     below = 0
-    found = 0
-    for r in range(rows):
+    start = top_row * cols
+    found = start
+    for r in range(top_row, stop_row):
         top = r * block_h
         bottom = min(top + block_h, height)
         sums[:] = 0
@@ -172,7 +189,83 @@ def _keys(
             key_row, r * cols, lo, hi, in_bracket, cand_keys, cand_index, found
         )
         below += row_below
+    return below, found - start
+
+
+@_jit
+def _key_chunks(
+    x,
+    l2,
+    block_h,
+    block_w,
+    keys,
+    magnitude,
+    inf,
+    bracket,
+    cand_keys,
+    cand_index,
+    tally,
+    chunk_rows,
+    ctrl,
+):
+    """Claim chunks of ``chunk_rows`` block rows (``ctrl[_KEYS_NEXT]``) until none is left and
+    run the keys pass on each: ``tally[chunk]`` = (keys below the bracket, keys gathered), and
+    ``ctrl[_KEYS_DONE]`` counts the chunks done. Any number of threads may run it at once."""
+    rows, cols = keys.shape
+    chunks = -(-rows // chunk_rows)
+    lo, hi = bracket[0], bracket[1]
+    sums = np.empty(cols, x.dtype)
+    bits = sums.view(keys.dtype)
+    in_bracket = np.zeros(-(-cols // 8) * 8, np.uint8)  # whole 8-byte words
+    while True:
+        chunk = atomic_add(ctrl, _KEYS_NEXT, 1)
+        if chunk >= chunks:
+            return
+        top_row = chunk * chunk_rows
+        below, found = _key_rows(
+            x,
+            l2,
+            block_h,
+            block_w,
+            keys,
+            magnitude,
+            inf,
+            lo,
+            hi,
+            cand_keys,
+            cand_index,
+            top_row,
+            min(top_row + chunk_rows, rows),
+            sums,
+            bits,
+            in_bracket,
+        )
+        tally[chunk, 0] = below
+        tally[chunk, 1] = found
+        atomic_add(ctrl, _KEYS_DONE, 1)
+
+
+@_jit
+def _merge(tally, chunks, chunk_rows, cols, cand_keys, cand_index):
+    """(keys below the bracket, keys in it): each chunk's gathered keys moved down to follow
+    the previous chunk's, so all of them are in index order."""
+    below = 0
+    found = 0
+    for chunk in range(chunks):
+        below += tally[chunk, 0]
+        start = chunk * chunk_rows * cols
+        for i in range(start, start + tally[chunk, 1]):
+            cand_keys[found] = cand_keys[i]
+            cand_index[found] = cand_index[i]
+            found += 1
     return below, found
+
+
+@_jit
+def _wait(ctrl, index, value):
+    """Spin until ``ctrl[index]`` holds ``value`` (the other thread is at most a chunk away)."""
+    while atomic_load(ctrl, index) != value:
+        pass
 
 
 @_jit
@@ -323,15 +416,22 @@ def _keep_in_dropped(x, l2, block_h, block_w, keys, threshold, last_tied, zeros,
 
 
 @_jit
-def _write(block_h, block_w, keys, threshold, last_tied, mask):
-    """One matrix's mask: a block is dropped when its key is below ``threshold``, or equal to
-    it at a flat index up to ``last_tied``."""
+def _write_chunks(block_h, block_w, keys, threshold, last_tied, mask, chunk_rows, ctrl):
+    """Claim chunks of ``chunk_rows`` block rows (``ctrl[_WRITE_NEXT]``) until none is left and
+    write their mask: a block is dropped when its key is below ``threshold``, or equal to it at a
+    flat index up to ``last_tied``. ``ctrl[_WRITE_DONE]`` counts the chunks done."""
     height, width = mask.shape
     rows, cols = keys.shape
     full = width // block_w
-    for r in range(rows):
-        for i in range(r * block_h, min(r * block_h + block_h, height)):
-            _write_row_any(keys[r], r * cols, threshold, last_tied, mask[i], block_w, full)
+    chunks = -(-rows // chunk_rows)
+    while True:
+        chunk = atomic_add(ctrl, _WRITE_NEXT, 1)
+        if chunk >= chunks:
+            return
+        for r in range(chunk * chunk_rows, min(chunk * chunk_rows + chunk_rows, rows)):
+            for i in range(r * block_h, min(r * block_h + block_h, height)):
+                _write_row_any(keys[r], r * cols, threshold, last_tied, mask[i], block_w, full)
+        atomic_add(ctrl, _WRITE_DONE, 1)
 
 
 @_jit
@@ -343,42 +443,108 @@ def _masks(
     k,
     zeros,
     mask,
-    sums,
-    bits,
     keys,
-    in_bracket,
     cand_keys,
     cand_index,
     counts,
     bracket,
+    tally,
+    shared,
     magnitude,
     inf,
     key_bits,
     digit_bits,
+    chunk_rows,
+    ctrl,
+    job,
 ):
-    """The mask of every matrix of a (B, H, W) batch, in turn."""
+    """The mask of every matrix of a (B, H, W) batch, in turn. With ``job`` >= 0 (one matrix)
+    the lane's helper may join the passes over the data (see :func:`_assist`); the job is
+    closed before this returns, after the helper, if it joined, has left."""
+    rows, cols = keys.shape
+    chunks = -(-rows // chunk_rows)
     for b in range(x.shape[0]):
-        below, found = _keys(
+        if b > 0:
+            ctrl[_KEYS_NEXT : _WRITE_DONE + 1] = 0
+        _key_chunks(
             x[b],
             l2,
             block_h,
             block_w,
-            sums,
-            bits,
             keys,
             magnitude,
             inf,
             bracket,
-            in_bracket,
             cand_keys,
             cand_index,
+            tally,
+            chunk_rows,
+            ctrl,
         )
+        _wait(ctrl, _KEYS_DONE, chunks)
+        below, found = _merge(tally, chunks, chunk_rows, cols, cand_keys, cand_index)
         threshold, last_tied = _threshold(
             keys, k, below, found, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
         )
-        _write(block_h, block_w, keys, threshold, last_tied, mask[b])
+        shared[0] = threshold
+        shared[1] = last_tied
+        atomic_store(ctrl, _READY, 1)
+        _write_chunks(block_h, block_w, keys, threshold, last_tied, mask[b], chunk_rows, ctrl)
+        _wait(ctrl, _WRITE_DONE, chunks)
         if zeros < block_h * block_w:
             _keep_in_dropped(x[b], l2, block_h, block_w, keys, threshold, last_tied, zeros, mask[b])
+    _close(ctrl, job)
+
+
+@_jit
+def _close(ctrl, job):
+    """End a lane job (``job`` >= 0): a helper can no longer join, and one that did has left."""
+    if job >= 0 and not atomic_cas(ctrl, STATE, job * 4 + OPEN, job * 4 + CLOSED):
+        _wait(ctrl, LEFT, job)  # the helper joined: it may still be writing its last chunk
+
+
+@_jit
+def _assist(
+    x,
+    l2,
+    block_h,
+    block_w,
+    mask,
+    keys,
+    cand_keys,
+    cand_index,
+    bracket,
+    tally,
+    shared,
+    magnitude,
+    inf,
+    chunk_rows,
+    ctrl,
+    job,
+):
+    """The helper's side of a one-matrix :func:`_masks` job: chunks of both passes over the
+    data while the job is open (nothing once it is closed)."""
+    if not atomic_cas(ctrl, STATE, job * 4 + OPEN, job * 4 + JOINED):
+        return
+    _key_chunks(
+        x,
+        l2,
+        block_h,
+        block_w,
+        keys,
+        magnitude,
+        inf,
+        bracket,
+        cand_keys,
+        cand_index,
+        tally,
+        chunk_rows,
+        ctrl,
+    )
+    _wait(ctrl, _READY, 1)
+    threshold = keys.dtype.type(shared[0])
+    _write_chunks(block_h, block_w, keys, threshold, shared[1], mask, chunk_rows, ctrl)
+    atomic_store(ctrl, LEFT, job)
 
 
 def supports(data: torch.Tensor, mask: torch.Tensor, block: tuple[int, int], zeros: int) -> bool:
@@ -397,18 +563,18 @@ class _Buffers(NamedTuple):
     """A thread's scratch arrays and constants for one matrix shape, in :func:`_masks`'s
     argument order (passed as ``*buffers``; named for the benchmark's per-phase profile)."""
 
-    sums: np.ndarray  # a row of block sums, then means
-    bits: np.ndarray  # the same row as integers
     keys: np.ndarray  # (rows, cols) sort keys
-    in_bracket: np.ndarray  # 1 where a key of the row is in the bracket
     cand_keys: np.ndarray  # the keys gathered from the bracket
     cand_index: np.ndarray  # and their flat indices
     counts: np.ndarray  # one digit's counts
     bracket: np.ndarray  # (lo, hi, width); carries over from matrix to matrix
+    tally: np.ndarray  # per chunk of block rows: (keys below the bracket, keys in it)
+    shared: np.ndarray  # (threshold, last tied index), for the lane's helper
     magnitude: Any  # every bit of a key but the sign
     inf: Any  # +inf's key
     key_bits: int
     digit_bits: int
+    chunk_rows: int  # block rows in a chunk that a thread claims
 
 
 def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]) -> _Buffers:
@@ -423,13 +589,11 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
     if found is None:
         key_dtype, key_bits, mantissa_bits = _KEY_TYPES[dtype]
         rows, cols = -(-height // block[0]), -(-width // block[1])
-        sums = np.empty(cols, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        chunk_rows = max(1, _CHUNK_ENTRIES // (block[0] * width))
         key_type = torch.empty(0, dtype=key_dtype).numpy().dtype
+        value_type = torch.empty(0, dtype=dtype).numpy().dtype
         found = _Buffers(
-            sums=sums,
-            bits=sums.view(key_type),
             keys=np.empty((rows, cols), dtype=key_type),
-            in_bracket=np.zeros(-(-cols // 8) * 8, dtype=np.uint8),  # whole 8-byte words
             cand_keys=np.empty(rows * cols, dtype=key_type),
             cand_index=np.empty(rows * cols, dtype=np.int32),
             counts=np.empty(1 << _DIGIT_BITS, dtype=np.int32),
@@ -437,15 +601,27 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
             bracket=np.array(
                 [1, 0, 2 ** (mantissa_bits - _BRACKET_START_BITS + 1)], dtype=key_type
             ),
+            tally=np.empty((-(-rows // chunk_rows), 2), dtype=np.int64),
+            shared=np.empty(2, dtype=np.int64),
             magnitude=key_type.type((1 << key_bits) - 1),
-            inf=np.array(math.inf, dtype=sums.dtype).view(key_type)[()],
+            inf=np.array(math.inf, dtype=value_type).view(key_type)[()],
             key_bits=key_bits,
             digit_bits=_DIGIT_BITS,
+            chunk_rows=chunk_rows,
         )
         if len(cache) >= _CACHE_MAX:
             cache.clear()
         cache[key] = found
     return found
+
+
+def _alone_ctrl() -> np.ndarray:
+    """This thread's counters for a kernel run without the lane."""
+    ctrl = getattr(_CACHE, "ctrl", None)
+    if ctrl is None:
+        ctrl = _CACHE.ctrl = np.zeros(8, dtype=np.int64)
+    ctrl[:] = 0
+    return ctrl
 
 
 def write_mask(
@@ -458,7 +634,8 @@ def write_mask(
 ) -> None:
     """Write the mask of (B, H, W) ``matrices`` into ``mask`` (same shape, contiguous; see
     :func:`supports`): in each matrix the ``k`` (>= 1) blocks of lowest mean norm are dropped,
-    ``zeros`` entries of each (all when ``zeros`` covers the block).
+    ``zeros`` entries of each (all when ``zeros`` covers the block). One large matrix is done
+    on two cores when torch may use two threads (see :mod:`._lane`).
 
     float16, bfloat16 and integer data are ranked in float32, as the tensor-op path ranks
     them. A mask of another dtype than the (ranked) data's, other than a one-byte one, is
@@ -467,13 +644,44 @@ def write_mask(
     if matrices.dtype not in _KEY_TYPES:
         matrices = matrices.float()
     x = matrices.contiguous().numpy()
-    _, height, width = x.shape
+    count, height, width = x.shape
     if mask.dtype == matrices.dtype or mask.dtype in _BYTE_MASKS:
         target = mask if mask.dtype == matrices.dtype else mask.view(torch.uint8)
     else:
         target = scratch("kernel_mask", tuple(mask.shape), torch.uint8)
     buffers = _buffers(height, width, matrices.dtype, block)
     target_array = target.detach().view(-1, height, width).numpy()
-    _masks(x, norm == "L2", *block, k, zeros, target_array, *buffers)
+    l2 = norm == "L2"
+    with contextlib.ExitStack() as stack:
+        lane = None
+        if count == 1 and height * width >= _LANE_MIN_ENTRIES:
+            lane = stack.enter_context(_lane.borrowed())
+        if lane is None:
+            _masks(x, l2, *block, k, zeros, target_array, *buffers, _alone_ctrl(), -1)
+        else:
+            b = buffers
+            job = lane.post(
+                _assist,
+                x[0],
+                l2,
+                *block,
+                target_array[0],
+                b.keys,
+                b.cand_keys,
+                b.cand_index,
+                b.bracket,
+                b.tally,
+                b.shared,
+                b.magnitude,
+                b.inf,
+                b.chunk_rows,
+            )
+            try:
+                _masks(x, l2, *block, k, zeros, target_array, *buffers, lane.ctrl, job)
+            except BaseException:  # never leave the helper waiting on a job that stopped
+                lane.ctrl[[_KEYS_NEXT, _WRITE_NEXT]] = 1 << 40  # no chunk left to claim
+                lane.ctrl[_READY] = 1
+                _close(lane.ctrl, job)
+                raise
     if target.data_ptr() != mask.data_ptr():
         mask.copy_(target)
