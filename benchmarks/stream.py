@@ -153,6 +153,8 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
     found = {}
 
     ctrl = np.zeros(8, dtype=np.int64)  # the kernel's chunk counters, one thread
+    sums = np.empty(buf.keys.shape[1], dtype=np.float32)
+    scratch = (sums, sums.view(np.int32), np.zeros(-(-buf.keys.shape[1] // 8) * 8, np.uint8))
 
     def keys_pass(batch):
         ctrl[:] = 0
@@ -170,6 +172,7 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
             buf.tally,
             buf.chunk_rows,
             ctrl,
+            *scratch,
         )
         chunks = buf.tally.shape[0]
         found["tally"] = kernel._merge(

@@ -51,7 +51,7 @@ _KEY_TYPES = {torch.float32: (torch.int32, 31, 23), torch.float64: (torch.int64,
 _BYTE_MASKS = (torch.bool, torch.uint8, torch.int8)
 _CACHE = threading.local()
 _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
-_SORTED_MAX = 512  # up to this many keys, a stable sort selects the k-th (no digit counts)
+_SORTED_MAX = 512  # up to this many keys, one partition selects the k-th (no digit counts)
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
 _CHUNK_ENTRIES = 16384  # a chunk of block rows that threads claim holds about this many entries
 # smaller matrices run alone: the helper wakes ~100 us late here, and torch's OpenMP threads,
@@ -192,6 +192,15 @@ def _key_rows(
     return below, found - start
 
 
+@_inline
+def _row_scratch(x, keys):
+    """A thread's scratch for one row of blocks: sums (then means), the same as integers, and
+    bracket flags in whole 8-byte words."""
+    cols = keys.shape[1]
+    sums = np.empty(cols, x.dtype)
+    return sums, sums.view(keys.dtype), np.zeros(-(-cols // 8) * 8, np.uint8)
+
+
 @_jit
 def _key_chunks(
     x,
@@ -207,16 +216,17 @@ def _key_chunks(
     tally,
     chunk_rows,
     ctrl,
+    sums,
+    bits,
+    in_bracket,
 ):
     """Claim chunks of ``chunk_rows`` block rows (``ctrl[_KEYS_NEXT]``) until none is left and
     run the keys pass on each: ``tally[chunk]`` = (keys below the bracket, keys gathered), and
-    ``ctrl[_KEYS_DONE]`` counts the chunks done. Any number of threads may run it at once."""
+    ``ctrl[_KEYS_DONE]`` counts the chunks done. Any number of threads may run it at once, each
+    with row scratch of its own (:func:`_row_scratch`)."""
     rows, cols = keys.shape
     chunks = -(-rows // chunk_rows)
     lo, hi = bracket[0], bracket[1]
-    sums = np.empty(cols, x.dtype)
-    bits = sums.view(keys.dtype)
-    in_bracket = np.zeros(-(-cols // 8) * 8, np.uint8)  # whole 8-byte words
     while True:
         chunk = atomic_add(ctrl, _KEYS_NEXT, 1)
         if chunk >= chunks:
@@ -281,9 +291,14 @@ def _digit_of_kth(counts, bins, k, below):
 @_jit
 def _refine(cand_keys, cand_index, found, need, counts, shift, digit_bits):
     """(key, index) of the ``need``-th smallest of the first ``found`` candidates (in index
-    order, keys below ``2 ** shift``), ties to the lower index: radix digits from the top, or
-    a stable sort when there are few (a digit's counts would outnumber them)."""
+    order, keys below ``2 ** shift``), ties to the lower index: radix digits from the top, or,
+    when there are few (a digit's counts would outnumber them), a partition of (key, index)
+    pairs (a stable sort for 63-bit keys)."""
     if found <= _SORTED_MAX:
+        if shift <= 31:  # key and index fit one int64 that orders by key, then by index
+            both = (cand_keys[:found].astype(np.int64) << 32) | cand_index[:found]
+            pick = np.partition(both, need - 1)[need - 1]
+            return cand_keys.dtype.type(pick >> 32), cand_index.dtype.type(pick & 0xFFFFFFFF)
         order = np.argsort(cand_keys[:found], kind="mergesort")
         return cand_keys[order[need - 1]], cand_index[order[need - 1]]
     below = 0
@@ -463,6 +478,7 @@ def _masks(
     closed before this returns, after the helper, if it joined, has left."""
     rows, cols = keys.shape
     chunks = -(-rows // chunk_rows)
+    sums, bits, in_bracket = _row_scratch(x, keys)
     for b in range(x.shape[0]):
         if b > 0:
             ctrl[_KEYS_NEXT : _WRITE_DONE + 1] = 0
@@ -480,6 +496,9 @@ def _masks(
             tally,
             chunk_rows,
             ctrl,
+            sums,
+            bits,
+            in_bracket,
         )
         _wait(ctrl, _KEYS_DONE, chunks)
         below, found = _merge(tally, chunks, chunk_rows, cols, cand_keys, cand_index)
@@ -526,6 +545,7 @@ def _assist(
     data while the job is open (nothing once it is closed)."""
     if not atomic_cas(ctrl, STATE, job * 4 + OPEN, job * 4 + JOINED):
         return
+    sums, bits, in_bracket = _row_scratch(x, keys)
     _key_chunks(
         x,
         l2,
@@ -540,6 +560,9 @@ def _assist(
         tally,
         chunk_rows,
         ctrl,
+        sums,
+        bits,
+        in_bracket,
     )
     _wait(ctrl, _READY, 1)
     threshold = keys.dtype.type(shared[0])
