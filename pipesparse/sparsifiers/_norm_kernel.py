@@ -517,9 +517,12 @@ def _masks(
 
 @_jit
 def _close(ctrl, job):
-    """End a lane job (``job`` >= 0): a helper can no longer join, and one that did has left."""
-    if job >= 0 and not atomic_cas(ctrl, STATE, job * 4 + OPEN, job * 4 + CLOSED):
-        _wait(ctrl, LEFT, job)  # the helper joined: it may still be writing its last chunk
+    """End a lane job (``job`` >= 0): a helper can no longer join, and one that did has left.
+    Ending a job twice is harmless."""
+    if job < 0 or atomic_cas(ctrl, STATE, job * 4 + OPEN, job * 4 + CLOSED):
+        return
+    if atomic_load(ctrl, STATE) == job * 4 + JOINED:
+        _wait(ctrl, LEFT, job)  # it may still be writing its last chunk
 
 
 @_jit

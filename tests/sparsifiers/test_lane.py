@@ -152,6 +152,19 @@ def test_a_helper_that_comes_after_the_job_closed_changes_nothing():
     assert ctrl.tolist() == [5 * 4 + _lane.CLOSED] + [0] * 7
 
 
+def test_ending_a_job_twice_returns_at_once():
+    # e.g. an interrupt raised just after the kernel returned: the error path ends it again
+    ctrl = np.zeros(8, dtype=np.int64)
+    ctrl[_lane.LEFT] = -1
+    ctrl[_lane.STATE] = 3 * 4 + _lane.OPEN
+    _norm_kernel._close(ctrl, 3)
+    assert ctrl[_lane.STATE] == 3 * 4 + _lane.CLOSED
+    again = threading.Thread(target=_norm_kernel._close, args=(ctrl, 3), daemon=True)
+    again.start()
+    again.join(timeout=30)
+    assert not again.is_alive(), "ending a closed job waits for a helper that never joined"
+
+
 def test_a_job_that_fails_lets_the_helper_go():
     real = _norm_kernel._masks
 
