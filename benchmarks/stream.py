@@ -3,6 +3,7 @@
     python benchmarks/stream.py            # the README table (about a minute on 2 cores)
     python benchmarks/stream.py --quick    # fewer repeats, no 10,000-batch memory run
     python benchmarks/stream.py --profile  # where an every-batch step spends its time, by phase
+    python benchmarks/stream.py --lane     # the kernel alone vs with its helper thread, by size
 
 Each case consumes its own iterator over one pool of distinct float32 batches (more bytes than
 the last-level cache holds, so every batch comes from memory, as in a real stream). The bound
@@ -234,6 +235,47 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
     return table(title, ["phase", "us/batch", "share"], rows_out)
 
 
+LANE_SHAPES = ((128, 1024), (256, 1024), (256, 2048), (512, 2048), (1024, 4096))
+
+
+def lane_ab(pairs_bytes: int = 2**27) -> str:
+    """Every-batch transforms with and without the kernel's helper thread (forced on and off
+    for every size), batch by batch in turn on one batch stream: where a second core pays."""
+    from pipesparse.sparsifiers import _norm_kernel as kernel
+
+    limit = kernel._LANE_MIN_ENTRIES
+    rows = []
+    for shape in LANE_SHAPES:
+        pool = batch_pool(shape)
+        transforms = {
+            "alone": SparsifyTransform(DataNormSparsifier(**CONFIG)),
+            "with the helper": SparsifyTransform(DataNormSparsifier(**CONFIG)),
+        }
+        minimum = {"alone": 1 << 62, "with the helper": 0}
+        times: dict[str, list[float]] = {name: [] for name in transforms}
+        batches = max(30, pairs_bytes // (shape[0] * shape[1] * 4))
+        try:
+            for i in range(batches + 2):  # two warm-up rounds
+                for name in transforms if i % 2 else reversed(transforms):
+                    kernel._LANE_MIN_ENTRIES = minimum[name]
+                    batch = pool[(2 * i + (name == "alone")) % len(pool)]
+                    start = time.perf_counter()
+                    transforms[name](batch)
+                    if i >= 2:
+                        times[name].append(time.perf_counter() - start)
+        finally:
+            kernel._LANE_MIN_ENTRIES = limit
+        alone, helped = (statistics.median(times[name]) * 1e6 for name in transforms)
+        used = "yes" if shape[0] * shape[1] >= limit else "no"
+        rows.append([f"{shape[0]}x{shape[1]}", alone, helped, f"{helped / alone:.2f}x", used])
+    title = (
+        "Every-batch SparsifyTransform (DataNormSparsifier L1, 1x4, 0.5), median us per batch, "
+        "the kernel alone vs with its helper thread, batches in turn. 'used' = whether the "
+        f"library turns the helper on at this size (from {limit:,} entries)."
+    )
+    return table(title, ["shape", "alone", "with the helper", "ratio", "used"], rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats, no memory run")
@@ -241,11 +283,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--profile", action="store_true", help="time per phase of an every-batch step, no table"
     )
+    parser.add_argument(
+        "--lane", action="store_true", help="the kernel alone vs with its helper thread, by size"
+    )
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # torch.ao warns on every re-registration
     threads = setup_threads(args.threads)
     if args.profile:
         print("\n\n".join(profile_every_batch(shape) for shape in SHAPES))
+        return
+    if args.lane:
+        print(lane_ab())
         return
     rows, identical = [], []
     for shape in SHAPES:
