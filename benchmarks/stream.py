@@ -159,22 +159,7 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
 
     def keys_pass(batch):
         ctrl[:] = 0
-        kernel._key_chunks(
-            batch.numpy(),
-            False,
-            1,
-            4,
-            buf.keys,
-            buf.magnitude,
-            buf.inf,
-            buf.bracket,
-            buf.cand_keys,
-            buf.cand_index,
-            buf.tally,
-            buf.chunk_rows,
-            ctrl,
-            *scratch,
-        )
+        kernel._key_chunks(batch.numpy(), False, 1, 4, buf, ctrl, scratch)
         chunks = buf.tally.shape[0]
         found["tally"] = kernel._merge(
             buf.tally, chunks, buf.chunk_rows, buf.keys.shape[1], buf.cand_keys, buf.cand_index

@@ -202,31 +202,16 @@ def _row_scratch(x, keys):
 
 
 @_jit
-def _key_chunks(
-    x,
-    l2,
-    block_h,
-    block_w,
-    keys,
-    magnitude,
-    inf,
-    bracket,
-    cand_keys,
-    cand_index,
-    tally,
-    chunk_rows,
-    ctrl,
-    sums,
-    bits,
-    in_bracket,
-):
-    """Claim chunks of ``chunk_rows`` block rows (``ctrl[_KEYS_NEXT]``) until none is left and
-    run the keys pass on each: ``tally[chunk]`` = (keys below the bracket, keys gathered), and
-    ``ctrl[_KEYS_DONE]`` counts the chunks done. Any number of threads may run it at once, each
-    with row scratch of its own (:func:`_row_scratch`)."""
-    rows, cols = keys.shape
+def _key_chunks(x, l2, block_h, block_w, buffers, ctrl, scratch):
+    """Claim chunks of ``buffers.chunk_rows`` block rows (``ctrl[_KEYS_NEXT]``) until none is
+    left and run the keys pass on each: ``buffers.tally[chunk]`` = (keys below the bracket,
+    keys gathered), and ``ctrl[_KEYS_DONE]`` counts the chunks done. Any number of threads may
+    run it at once, each with row scratch of its own (:func:`_row_scratch`)."""
+    keys, chunk_rows = buffers.keys, buffers.chunk_rows
+    rows = keys.shape[0]
     chunks = -(-rows // chunk_rows)
-    lo, hi = bracket[0], bracket[1]
+    lo, hi = buffers.bracket[0], buffers.bracket[1]
+    sums, bits, in_bracket = scratch
     while True:
         chunk = atomic_add(ctrl, _KEYS_NEXT, 1)
         if chunk >= chunks:
@@ -238,20 +223,20 @@ def _key_chunks(
             block_h,
             block_w,
             keys,
-            magnitude,
-            inf,
+            buffers.magnitude,
+            buffers.inf,
             lo,
             hi,
-            cand_keys,
-            cand_index,
+            buffers.cand_keys,
+            buffers.cand_index,
             top_row,
             min(top_row + chunk_rows, rows),
             sums,
             bits,
             in_bracket,
         )
-        tally[chunk, 0] = below
-        tally[chunk, 1] = found
+        buffers.tally[chunk, 0] = below
+        buffers.tally[chunk, 1] = found
         atomic_add(ctrl, _KEYS_DONE, 1)
 
 
@@ -450,63 +435,37 @@ def _write_chunks(block_h, block_w, keys, threshold, last_tied, mask, chunk_rows
 
 
 @_jit
-def _masks(
-    x,
-    l2,
-    block_h,
-    block_w,
-    k,
-    zeros,
-    mask,
-    keys,
-    cand_keys,
-    cand_index,
-    counts,
-    bracket,
-    tally,
-    shared,
-    magnitude,
-    inf,
-    key_bits,
-    digit_bits,
-    chunk_rows,
-    ctrl,
-    job,
-):
-    """The mask of every matrix of a (B, H, W) batch, in turn. With ``job`` >= 0 (one matrix)
-    the lane's helper may join the passes over the data (see :func:`_assist`); the job is
-    closed before this returns, after the helper, if it joined, has left."""
+def _masks(x, l2, block_h, block_w, k, zeros, mask, buffers, ctrl, job):
+    """The mask of every matrix of a (B, H, W) batch, in turn, with a thread's
+    :class:`_Buffers` for the matrix shape. With ``job`` >= 0 (one matrix) the lane's helper
+    may join the passes over the data (see :func:`_assist`); the job is closed before this
+    returns, after the helper, if it joined, has left."""
+    keys, chunk_rows = buffers.keys, buffers.chunk_rows
     rows, cols = keys.shape
     chunks = -(-rows // chunk_rows)
-    sums, bits, in_bracket = _row_scratch(x, keys)
+    scratch = _row_scratch(x, keys)
     for b in range(x.shape[0]):
         if b > 0:
             ctrl[_KEYS_NEXT : _WRITE_DONE + 1] = 0
-        _key_chunks(
-            x[b],
-            l2,
-            block_h,
-            block_w,
-            keys,
-            magnitude,
-            inf,
-            bracket,
-            cand_keys,
-            cand_index,
-            tally,
-            chunk_rows,
-            ctrl,
-            sums,
-            bits,
-            in_bracket,
-        )
+        _key_chunks(x[b], l2, block_h, block_w, buffers, ctrl, scratch)
         _wait(ctrl, _KEYS_DONE, chunks)
-        below, found = _merge(tally, chunks, chunk_rows, cols, cand_keys, cand_index)
-        threshold, last_tied = _threshold(
-            keys, k, below, found, cand_keys, cand_index, counts, bracket, key_bits, digit_bits
+        below, found = _merge(
+            buffers.tally, chunks, chunk_rows, cols, buffers.cand_keys, buffers.cand_index
         )
-        shared[0] = threshold
-        shared[1] = last_tied
+        threshold, last_tied = _threshold(
+            keys,
+            k,
+            below,
+            found,
+            buffers.cand_keys,
+            buffers.cand_index,
+            buffers.counts,
+            buffers.bracket,
+            buffers.key_bits,
+            buffers.digit_bits,
+        )
+        buffers.shared[0] = threshold
+        buffers.shared[1] = last_tied
         atomic_store(ctrl, _READY, 1)
         _write_chunks(block_h, block_w, keys, threshold, last_tied, mask[b], chunk_rows, ctrl)
         _wait(ctrl, _WRITE_DONE, chunks)
@@ -526,50 +485,17 @@ def _close(ctrl, job):
 
 
 @_jit
-def _assist(
-    x,
-    l2,
-    block_h,
-    block_w,
-    mask,
-    keys,
-    cand_keys,
-    cand_index,
-    bracket,
-    tally,
-    shared,
-    magnitude,
-    inf,
-    chunk_rows,
-    ctrl,
-    job,
-):
+def _assist(x, l2, block_h, block_w, mask, buffers, ctrl, job):
     """The helper's side of a one-matrix :func:`_masks` job: chunks of both passes over the
     data while the job is open (nothing once it is closed)."""
     if not atomic_cas(ctrl, STATE, job * 4 + OPEN, job * 4 + JOINED):
         return
-    sums, bits, in_bracket = _row_scratch(x, keys)
-    _key_chunks(
-        x,
-        l2,
-        block_h,
-        block_w,
-        keys,
-        magnitude,
-        inf,
-        bracket,
-        cand_keys,
-        cand_index,
-        tally,
-        chunk_rows,
-        ctrl,
-        sums,
-        bits,
-        in_bracket,
-    )
+    _key_chunks(x, l2, block_h, block_w, buffers, ctrl, _row_scratch(x, buffers.keys))
     _wait(ctrl, _READY, 1)
-    threshold = keys.dtype.type(shared[0])
-    _write_chunks(block_h, block_w, keys, threshold, shared[1], mask, chunk_rows, ctrl)
+    keys = buffers.keys
+    threshold = keys.dtype.type(buffers.shared[0])
+    last_tied = buffers.shared[1]
+    _write_chunks(block_h, block_w, keys, threshold, last_tied, mask, buffers.chunk_rows, ctrl)
     atomic_store(ctrl, LEFT, job)
 
 
@@ -586,8 +512,8 @@ def supports(data: torch.Tensor, mask: torch.Tensor, block: tuple[int, int], zer
 
 
 class _Buffers(NamedTuple):
-    """A thread's scratch arrays and constants for one matrix shape, in :func:`_masks`'s
-    argument order (passed as ``*buffers``; named for the benchmark's per-phase profile)."""
+    """A thread's scratch arrays and constants for one matrix shape; the compiled functions
+    take it whole (numba reads a named tuple's fields by name)."""
 
     keys: np.ndarray  # (rows, cols) sort keys
     cand_keys: np.ndarray  # the keys gathered from the bracket
@@ -678,32 +604,14 @@ def write_mask(
     buffers = _buffers(height, width, matrices.dtype, block)
     target_array = target.detach().view(-1, height, width).numpy()
     l2 = norm == "L2"
-    with contextlib.ExitStack() as stack:
-        lane = None
-        if count == 1 and height * width >= _LANE_MIN_ENTRIES:
-            lane = stack.enter_context(_lane.borrowed())
+    two_cores = count == 1 and height * width >= _LANE_MIN_ENTRIES
+    with _lane.borrowed() if two_cores else contextlib.nullcontext() as lane:
         if lane is None:
-            _masks(x, l2, *block, k, zeros, target_array, *buffers, _alone_ctrl(), -1)
+            _masks(x, l2, *block, k, zeros, target_array, buffers, _alone_ctrl(), -1)
         else:
-            b = buffers
-            job = lane.post(
-                _assist,
-                x[0],
-                l2,
-                *block,
-                target_array[0],
-                b.keys,
-                b.cand_keys,
-                b.cand_index,
-                b.bracket,
-                b.tally,
-                b.shared,
-                b.magnitude,
-                b.inf,
-                b.chunk_rows,
-            )
+            job = lane.post(_assist, x[0], l2, *block, target_array[0], buffers)
             try:
-                _masks(x, l2, *block, k, zeros, target_array, *buffers, lane.ctrl, job)
+                _masks(x, l2, *block, k, zeros, target_array, buffers, lane.ctrl, job)
             except BaseException:  # never leave the helper waiting on a job that stopped
                 lane.ctrl[[_KEYS_NEXT, _WRITE_NEXT]] = 1 << 40  # no chunk left to claim
                 lane.ctrl[_READY] = 1
