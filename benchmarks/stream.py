@@ -154,8 +154,7 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
     found = {}
 
     ctrl = np.zeros(8, dtype=np.int64)  # the kernel's chunk counters, one thread
-    sums = np.empty(buf.keys.shape[1], dtype=np.float32)
-    scratch = (sums, sums.view(np.int32), np.zeros(-(-buf.keys.shape[1] // 8) * 8, np.uint8))
+    scratch = kernel._row_scratch(pool[0].numpy(), buf.keys)  # one thread's row scratch
 
     def keys_pass(batch):
         ctrl[:] = 0

@@ -38,6 +38,7 @@ import torch
 
 from pipesparse.sparsifiers import _lane
 from pipesparse.sparsifiers._atomics import atomic_add, atomic_cas, atomic_load, atomic_store
+from pipesparse.sparsifiers._bits import float_bits, trailing_zeros
 from pipesparse.sparsifiers._lane import CLOSED, JOINED, LEFT, OPEN, STATE
 from pipesparse.sparsifiers._scratch import scratch
 
@@ -63,6 +64,7 @@ _KEYS_NEXT, _KEYS_DONE, _READY, _WRITE_NEXT, _WRITE_DONE = 2, 3, 4, 5, 6
 # while it gathers more than 2% of the keys, widened 4x when it misses
 _BRACKET_START_BITS = 7  # half the width = 2 ** (mantissa bits - this)
 _BRACKET_MAX_SHARE = 0.02
+_GATHER_BITS = np.uint64(0x0102040810204080)  # byte i's low bit -> bit 56 + i of the product
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 _inline = numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
 
@@ -108,66 +110,54 @@ def _add_row_any(row, sums, block_w, full, l2):
 
 
 @_inline
-def _divide(sums, start, stop, count):
-    """sums / count, rounded as a float division in the sums' dtype rounds it (exactly what
-    avg_pool2d does). A power of two is a multiplication in float64: the same real number."""
-    if start >= stop:
-        return
-    if count & (count - 1) == 0:
-        scale = 1.0 / count
-        for c in range(start, stop):
-            sums[c] = sums[c] * scale
-    else:
-        for c in range(start, stop):
-            sums[c] = sums[c] / count
+def _keys_of_sums(sums, key_row, start, stop, count, lo, hi, in_bracket, magnitude, inf):
+    """Keys of the block sums ``start:stop`` of a row of blocks of ``count`` entries each, and
+    how many of them fall below ``lo`` (those in ``lo .. hi`` are flagged, one byte each).
 
-
-@_inline
-def _bracket_row(key_row, start, lo, hi, in_bracket, cand_keys, cand_index, found):
-    """(keys of one row below ``lo``, candidates now): the row's keys in ``lo .. hi`` appended
-    in index order (``start`` = the row's first flat index). One vectorised loop counts the
-    keys below and flags those in the bracket (one byte each); a scalar look then goes only
-    into the 8-byte words of flags that hold one (1-2% of the keys are in the bracket)."""
-    cols = key_row.shape[0]
+    A sum divided by the count is rounded as a float division in the sums' dtype rounds it
+    (exactly what avg_pool2d does); a power of two is a multiplication in float64, the same
+    real number. One loop, no branch: it vectorises."""
     below = 0
-    for c in range(cols):
-        key = key_row[c]
+    power_of_two = count & (count - 1) == 0
+    scale = 1.0 / count
+    for c in range(start, stop):
+        mean = sums[c] * scale if power_of_two else sums[c] / count
+        key = min(float_bits(mean, sums) & magnitude, inf)  # -0.0 -> +0.0's, NaN -> +inf's
+        key_row[c] = key
         below += key < lo
         in_bracket[c] = (key >= lo) & (key <= hi)
-    words = in_bracket.view(np.uint64)
-    for word in range(-(-cols // 8)):
-        if words[word]:
-            for c in range(word * 8, min(word * 8 + 8, cols)):
-                if in_bracket[c]:
-                    cand_keys[found] = key_row[c]
-                    cand_index[found] = start + c
-                    found += 1
-    return below, found
+    return below
 
 
 @_inline
-def _key_rows(
-    x,
-    l2,
-    block_h,
-    block_w,
-    keys,
-    magnitude,
-    inf,
-    lo,
-    hi,
-    cand_keys,
-    cand_index,
-    top_row,
-    stop_row,
-    sums,
-    bits,
-    in_bracket,
-):
+def _gather(key_row, in_bracket, start, cand_keys, cand_index, found):
+    """Append the flagged keys of one row (``start`` = its first flat index) in index order:
+    each 64 flags become one word whose set bits are visited lowest first, so the only branch
+    that depends on the data is a loop's end (1-4% of the keys are flagged, scattered: a
+    branch per key or per 8 flags mispredicts most of the time)."""
+    words = in_bracket.view(np.uint64)
+    for group in range(words.shape[0] // 8):
+        flags = np.uint64(0)
+        for byte in range(8):  # 8 bytes of 0/1 -> 8 bits (each lands in its own bit)
+            eight = (words[group * 8 + byte] * _GATHER_BITS) >> np.uint64(56)
+            flags |= eight << np.uint64(8 * byte)
+        while flags:
+            c = group * 64 + trailing_zeros(flags)
+            cand_keys[found] = key_row[c]
+            cand_index[found] = start + c
+            found += 1
+            flags &= flags - np.uint64(1)
+    return found
+
+
+@_inline
+def _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums, in_bracket):
     """Sort keys of the block means of block rows ``top_row:stop_row`` of one (H, W) matrix:
     the one pass over their data. Returns (keys below the bracket, keys in it), the latter
-    gathered in index order into ``cand_keys``/``cand_index`` from the rows' first flat index
-    on (a stretch no other rows write)."""
+    gathered in index order into ``buffers.cand_keys``/``cand_index`` from the rows' first
+    flat index on (a stretch no other rows write)."""
+    keys, magnitude, inf = buffers.keys, buffers.magnitude, buffers.inf
+    lo, hi = buffers.bracket[0], buffers.bracket[1]
     height, width = x.shape
     cols = keys.shape[1]
     full = width // block_w
@@ -180,25 +170,24 @@ def _key_rows(
         sums[:] = 0
         for i in range(top, bottom):  # row by row, as avg_pool2d adds up a window
             _add_row_any(x[i], sums, block_w, full, l2)
-        _divide(sums, 0, full, (bottom - top) * block_w)
-        _divide(sums, full, cols, (bottom - top) * (width - full * block_w))
         key_row = keys[r]
-        for c in range(cols):
-            key_row[c] = min(bits[c] & magnitude, inf)  # -0.0 -> +0.0's key, NaN -> +inf's
-        row_below, found = _bracket_row(
-            key_row, r * cols, lo, hi, in_bracket, cand_keys, cand_index, found
-        )
-        below += row_below
+        count = (bottom - top) * block_w
+        below += _keys_of_sums(sums, key_row, 0, full, count, lo, hi, in_bracket, magnitude, inf)
+        if full < cols:  # the partial block at the right edge
+            count = (bottom - top) * (width - full * block_w)
+            below += _keys_of_sums(
+                sums, key_row, full, cols, count, lo, hi, in_bracket, magnitude, inf
+            )
+        found = _gather(key_row, in_bracket, r * cols, buffers.cand_keys, buffers.cand_index, found)
     return below, found - start
 
 
 @_inline
 def _row_scratch(x, keys):
-    """A thread's scratch for one row of blocks: sums (then means), the same as integers, and
-    bracket flags in whole 8-byte words."""
+    """A thread's scratch for one row of blocks: sums, and bracket flags in whole 64-byte
+    groups (the tail past the row stays zero)."""
     cols = keys.shape[1]
-    sums = np.empty(cols, x.dtype)
-    return sums, sums.view(keys.dtype), np.zeros(-(-cols // 8) * 8, np.uint8)
+    return np.empty(cols, x.dtype), np.zeros(-(-cols // 64) * 64, np.uint8)
 
 
 @_jit
@@ -207,33 +196,17 @@ def _key_chunks(x, l2, block_h, block_w, buffers, ctrl, scratch):
     left and run the keys pass on each: ``buffers.tally[chunk]`` = (keys below the bracket,
     keys gathered), and ``ctrl[_KEYS_DONE]`` counts the chunks done. Any number of threads may
     run it at once, each with row scratch of its own (:func:`_row_scratch`)."""
-    keys, chunk_rows = buffers.keys, buffers.chunk_rows
-    rows = keys.shape[0]
+    rows, chunk_rows = buffers.keys.shape[0], buffers.chunk_rows
     chunks = -(-rows // chunk_rows)
-    lo, hi = buffers.bracket[0], buffers.bracket[1]
-    sums, bits, in_bracket = scratch
+    sums, in_bracket = scratch
     while True:
         chunk = atomic_add(ctrl, _KEYS_NEXT, 1)
         if chunk >= chunks:
             return
         top_row = chunk * chunk_rows
+        stop_row = min(top_row + chunk_rows, rows)
         below, found = _key_rows(
-            x,
-            l2,
-            block_h,
-            block_w,
-            keys,
-            buffers.magnitude,
-            buffers.inf,
-            lo,
-            hi,
-            buffers.cand_keys,
-            buffers.cand_index,
-            top_row,
-            min(top_row + chunk_rows, rows),
-            sums,
-            bits,
-            in_bracket,
+            x, l2, block_h, block_w, buffers, top_row, stop_row, sums, in_bracket
         )
         buffers.tally[chunk, 0] = below
         buffers.tally[chunk, 1] = found
@@ -348,18 +321,19 @@ def _threshold(keys, k, below, found, cand_keys, cand_index, counts, bracket, ke
 
 @_inline
 def _write_row(key_row, first, threshold, last_tied, mask_row, block_w, full):
-    """One matrix row of the mask: each block's entries 0 (dropped) or 1."""
+    """One matrix row of the mask: each block's entries 0 (dropped) or 1, stored from a
+    comparison (no branch)."""
     for c in range(full):
         key = key_row[c]
-        dropped = (key < threshold) | ((key == threshold) & (first + c <= last_tied))
+        kept = (key > threshold) | ((key == threshold) & (first + c > last_tied))
         base = c * block_w
         for j in range(block_w):
-            mask_row[base + j] = 0 if dropped else 1
+            mask_row[base + j] = kept
     if full < key_row.shape[0]:
         key = key_row[full]
-        dropped = (key < threshold) | ((key == threshold) & (first + full <= last_tied))
+        kept = (key > threshold) | ((key == threshold) & (first + full > last_tied))
         for j in range(full * block_w, mask_row.shape[0]):
-            mask_row[j] = 0 if dropped else 1
+            mask_row[j] = kept
 
 
 @_inline
