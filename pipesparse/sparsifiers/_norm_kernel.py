@@ -66,10 +66,12 @@ _BRACKET_START_BITS = 7  # half the width = 2 ** (mantissa bits - this)
 _BRACKET_MAX_SHARE = 0.02
 _GATHER_BITS = np.uint64(0x0102040810204080)  # byte i's low bit -> bit 56 + i of the product
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+# numba-level inlining only where a constant argument must specialise a loop (block widths):
+# it costs seconds of compile per call site. Small helpers are plain _jit; LLVM inlines them
 _inline = numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
 
 
-@_inline
+@_jit
 def _norm(value, l2):
     return value * value if l2 else abs(value)
 
@@ -109,24 +111,72 @@ def _add_row_any(row, sums, block_w, full, l2):
         _add_row(row, sums, block_w, full, False)
 
 
+@_jit
+def _mean(total, count):
+    """total / count rounded as avg_pool2d rounds it: a float division in the data's dtype (the
+    caller rounds to it). A power of two is a multiplication in float64, the same real number."""
+    return total * (1.0 / count) if count & (count - 1) == 0 else total / count
+
+
+@_jit
+def _key_and_flag(mean, c, like, key_row, lo, hi, in_bracket, magnitude, inf):
+    """Store block ``c``'s sort key (its mean rounded to ``like``'s dtype; -0.0 takes +0.0's,
+    NaN +inf's), flag it when it is in ``lo .. hi``; 1 when it is below ``lo``."""
+    key = min(float_bits(mean, like) & magnitude, inf)
+    key_row[c] = key
+    in_bracket[c] = (key >= lo) & (key <= hi)
+    return key < lo
+
+
 @_inline
 def _keys_of_sums(sums, key_row, start, stop, count, lo, hi, in_bracket, magnitude, inf):
     """Keys of the block sums ``start:stop`` of a row of blocks of ``count`` entries each, and
-    how many of them fall below ``lo`` (those in ``lo .. hi`` are flagged, one byte each).
-
-    A sum divided by the count is rounded as a float division in the sums' dtype rounds it
-    (exactly what avg_pool2d does); a power of two is a multiplication in float64, the same
-    real number. One loop, no branch: it vectorises."""
+    how many of them fall below ``lo``. One loop, no branch: it vectorises."""
     below = 0
-    power_of_two = count & (count - 1) == 0
-    scale = 1.0 / count
     for c in range(start, stop):
-        mean = sums[c] * scale if power_of_two else sums[c] / count
-        key = min(float_bits(mean, sums) & magnitude, inf)  # -0.0 -> +0.0's, NaN -> +inf's
-        key_row[c] = key
-        below += key < lo
-        in_bracket[c] = (key >= lo) & (key <= hi)
+        mean = _mean(sums[c], count)
+        below += _key_and_flag(mean, c, sums, key_row, lo, hi, in_bracket, magnitude, inf)
     return below
+
+
+@_inline
+def _keys_of_row(row, l2, block_w, key_row, lo, hi, in_bracket, magnitude, inf):
+    """:func:`_keys_of_sums` for blocks one matrix row high, summed in the same loop (left to
+    right, as avg_pool2d adds them): no sums array between two loops."""
+    cols = key_row.shape[0]
+    full = row.shape[0] // block_w
+    below = 0
+    for c in range(full):
+        base = c * block_w
+        total = _norm(row[base], l2)  # = 0 + it: a norm is never -0.0
+        for j in range(base + 1, base + block_w):
+            total += _norm(row[j], l2)
+        mean = _mean(total, block_w)
+        below += _key_and_flag(mean, c, row, key_row, lo, hi, in_bracket, magnitude, inf)
+    if full < cols:  # the partial block at the right edge
+        left = full * block_w
+        total = _norm(row[left], l2)
+        for j in range(left + 1, row.shape[0]):
+            total += _norm(row[j], l2)
+        mean = _mean(total, row.shape[0] - left)
+        below += _key_and_flag(mean, full, row, key_row, lo, hi, in_bracket, magnitude, inf)
+    return below
+
+
+@_inline
+def _keys_of_row_any(row, l2, block_w, key_row, lo, hi, in_bracket, magnitude, inf):
+    """:func:`_keys_of_row` with the width a compile-time constant for 1x2 and 1x4 blocks."""
+    if l2:
+        if block_w == 2:
+            return _keys_of_row(row, True, 2, key_row, lo, hi, in_bracket, magnitude, inf)
+        if block_w == 4:
+            return _keys_of_row(row, True, 4, key_row, lo, hi, in_bracket, magnitude, inf)
+        return _keys_of_row(row, True, block_w, key_row, lo, hi, in_bracket, magnitude, inf)
+    if block_w == 2:
+        return _keys_of_row(row, False, 2, key_row, lo, hi, in_bracket, magnitude, inf)
+    if block_w == 4:
+        return _keys_of_row(row, False, 4, key_row, lo, hi, in_bracket, magnitude, inf)
+    return _keys_of_row(row, False, block_w, key_row, lo, hi, in_bracket, magnitude, inf)
 
 
 @_inline
@@ -167,14 +217,20 @@ def _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums, in_brac
     for r in range(top_row, stop_row):
         top = r * block_h
         bottom = min(top + block_h, height)
-        sums[:] = 0
-        for i in range(top, bottom):  # row by row, as avg_pool2d adds up a window
-            _add_row_any(x[i], sums, block_w, full, l2)
         key_row = keys[r]
-        count = (bottom - top) * block_w
-        below += _keys_of_sums(sums, key_row, 0, full, count, lo, hi, in_bracket, magnitude, inf)
-        if full < cols:  # the partial block at the right edge
-            count = (bottom - top) * (width - full * block_w)
+        if bottom - top == 1:
+            below += _keys_of_row_any(
+                x[top], l2, block_w, key_row, lo, hi, in_bracket, magnitude, inf
+            )
+        else:
+            sums[:] = 0
+            for i in range(top, bottom):  # row by row, as avg_pool2d adds up a window
+                _add_row_any(x[i], sums, block_w, full, l2)
+            count = (bottom - top) * block_w
+            below += _keys_of_sums(
+                sums, key_row, 0, full, count, lo, hi, in_bracket, magnitude, inf
+            )
+            count = (bottom - top) * (width - full * block_w)  # the partial block at the edge
             below += _keys_of_sums(
                 sums, key_row, full, cols, count, lo, hi, in_bracket, magnitude, inf
             )
