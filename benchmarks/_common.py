@@ -23,8 +23,8 @@ def setup_threads(threads: int = THREADS) -> int:
     return torch.get_num_threads()
 
 
-def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each case; every repeat runs each case once, in turn."""
+def round_times(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each case in each round; every round runs each case once, in turn."""
     for run in cases.values():  # warm-up: first-call costs, allocator, caches
         run()
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -33,7 +33,18 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[st
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each case over :func:`round_times` rounds."""
+    return {name: statistics.median(v) for name, v in round_times(cases, repeats).items()}
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of one case's time over another's in the same round: a slow spell of
+    the machine slows both sides of a pair, so this moves less than a ratio of medians."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def rss_mb() -> float:

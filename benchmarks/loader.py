@@ -1,11 +1,12 @@
 """DataLoader with the SparsifyCollate hook vs the same DataLoader without it.
 
-    python benchmarks/loader.py            # the README table (under a minute on 2 cores)
+    python benchmarks/loader.py            # the README table (about a minute on 2 cores)
     python benchmarks/loader.py --quick    # fewer epochs
 
 An in-memory dataset of float32 rows, 2 workers (persistent, so start-up is not timed), the
 same sampler and batch size for every loader; an epoch's wall time in the main process is the
-figure (median of epochs, loaders taking turns). Rule: DataNormSparsifier, L1, 1x4 blocks,
+figure. Loaders take turns epoch by epoch; the added time is the median of each round's pair
+(this VM's speed drifts by tens of percent within a minute). Rule: DataNormSparsifier, L1, 1x4 blocks,
 sparsity 0.5; "frozen" fits its mask in the main process first (mask over features), as a
 loader with workers needs.
 """
@@ -13,6 +14,7 @@ loader with workers needs.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +24,7 @@ from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import THREADS, interleaved, setup_threads, table  # noqa: E402
+from _common import THREADS, paired_ratio, round_times, setup_threads, table  # noqa: E402
 
 from pipesparse import DataNormSparsifier  # noqa: E402
 from pipesparse.transforms import SparsifyCollate, SparsifyTransform  # noqa: E402
@@ -94,23 +96,32 @@ def main(argv: list[str] | None = None) -> None:
         "frozen": loader(dataset, SparsifyCollate(frozen)),
         "reference": loader(Subset(dataset, range(REFERENCE_ROWS)), ReferenceCollate()),
     }
-    repeats = 3 if args.quick else 7
-    seconds = interleaved({name: epoch(dl) for name, dl in loaders.items()}, repeats)
-    batches = {name: len(dl) for name, dl in loaders.items()}
-    plain = seconds["plain"] / batches["plain"]
+    repeats = 3 if args.quick else 15
+    times = round_times({name: epoch(dl) for name, dl in loaders.items()}, repeats)
+    per_batch = {
+        name: [seconds / len(loaders[name]) for seconds in times[name]] for name in loaders
+    }
     rows = []
     for label, name in (
         ("SparsifyCollate, every batch", "every"),
         ("SparsifyCollate, frozen", "frozen"),
         ("torch.ao in collate_fn, every batch", "reference"),
     ):
-        per_batch = seconds[name] / batches[name]
-        rows.append([label, 1 / per_batch, 1 / plain, f"{100 * (per_batch / plain - 1):+.1f}%"])
+        added = paired_ratio(per_batch[name], per_batch["plain"]) - 1
+        rows.append(
+            [
+                label,
+                1 / statistics.median(per_batch[name]),
+                1 / statistics.median(per_batch["plain"]),
+                f"{100 * added:+.1f}%",
+            ]
+        )
     title = (
         f"DataLoader over an in-memory dataset ({ROWS}x{FEATURES} float32, batch {BATCH}, "
         f"{WORKERS} workers, main process {threads} threads, torch {torch.__version__}). "
-        "Batches/s over an epoch (median of epochs). Baseline: the same loader with "
-        "default_collate. Added wall time = time per batch / baseline time per batch - 1 "
+        f"Batches/s over an epoch (median of {repeats} epochs). Baseline: the same loader with "
+        "default_collate. Added wall time = time per batch / baseline time per batch - 1, the "
+        "median over rounds of each round's pair (loaders take turns epoch by epoch) "
         f"(torch.ao: first {REFERENCE_ROWS} rows only)."
     )
     header = ["collate", "batches/s", "baseline batches/s", "added wall time"]

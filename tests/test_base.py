@@ -217,6 +217,24 @@ def test_step_calls_update_mask_for_every_name_with_unmasked_data_under_no_grad(
     assert s._step_count == 1
 
 
+class Failing(BaseDataSparsifier):
+    def update_mask(self, name, data, **config):
+        raise RuntimeError("rule failed")
+
+
+def test_step_gives_back_the_grad_mode_it_found_also_when_the_rule_raises():
+    s = Recording([("a", torch.randn(3))])
+    s.step()
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        s.step()
+        assert not torch.is_grad_enabled()
+    failing = Failing([("a", torch.randn(3))])
+    with pytest.raises(RuntimeError, match="rule failed"):
+        failing.step()
+    assert torch.is_grad_enabled()
+
+
 def test_step_does_nothing_when_mask_update_is_disabled():
     s = Recording([("a", torch.randn(3))])
     s.enable_mask_update = False

@@ -52,6 +52,7 @@ _KEY_TYPES = {torch.float32: (torch.int32, 31, 23), torch.float64: (torch.int64,
 _BYTE_MASKS = (torch.bool, torch.uint8, torch.int8)
 _CACHE = threading.local()
 _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
+_NO_LANE = contextlib.nullcontext()  # reusable: a kernel run without the lane
 _SORTED_MAX = 512  # up to this many keys, one partition selects the k-th (no digit counts)
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
 _CHUNK_ENTRIES = 16384  # a chunk of block rows that threads claim holds about this many entries
@@ -532,8 +533,8 @@ def _assist(x, l2, block_h, block_w, mask, buffers, ctrl, job):
 def supports(data: torch.Tensor, mask: torch.Tensor, block: tuple[int, int], zeros: int) -> bool:
     """Whether :func:`write_mask` handles this data and mask (else the tensor-op path runs)."""
     return (
-        data.device.type == "cpu"
-        and mask.device.type == "cpu"
+        data.is_cpu
+        and mask.is_cpu
         and mask.is_contiguous()
         and mask.shape == data.shape
         and data.numel() < 2**31  # block indices and counts are int32
@@ -635,7 +636,7 @@ def write_mask(
     target_array = target.detach().view(-1, height, width).numpy()
     l2 = norm == "L2"
     two_cores = count == 1 and height * width >= _LANE_MIN_ENTRIES
-    with _lane.borrowed() if two_cores else contextlib.nullcontext() as lane:
+    with _lane.borrowed() if two_cores else _NO_LANE as lane:
         if lane is None:
             _masks(x, l2, *block, k, zeros, target_array, buffers, _alone_ctrl(), -1)
         else:

@@ -252,8 +252,7 @@ class SparsifyTransform:
             return False
         if slot.shape != data.shape or slot.device != data.device:
             return False
-        with torch.no_grad():
-            slot.set_(data.detach())
+        slot.set_(data.detach())  # no autograd on either side: no no_grad needed (~15 us)
         return True
 
     def _summary(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
