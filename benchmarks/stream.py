@@ -27,7 +27,7 @@ import torch
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import THREADS, interleaved, rss_mb, setup_threads, table  # noqa: E402
+from _common import THREADS, paired_ratio, round_times, rss_mb, setup_threads, table  # noqa: E402
 
 from pipesparse import DataNormSparsifier  # noqa: E402
 from pipesparse.transforms import SparsifyTransform  # noqa: E402
@@ -103,8 +103,9 @@ def measure_shape(shape: tuple[int, int], repeats: int) -> tuple[list[list[objec
         "ref_every": runner(ref_every, pool, slow),
         "ref_frozen": runner(ref_frozen, pool, slow),
     }
-    seconds = interleaved(cases, repeats)
-    per_batch = {name: seconds[name] / cases[name].batches for name in cases}
+    times = round_times(cases, repeats)
+    per_batch = {name: [t / cases[name].batches for t in times[name]] for name in cases}
+    median = {name: statistics.median(values) for name, values in per_batch.items()}
     label = f"{shape[0]}x{shape[1]}"
     gigabytes = elements * 4 / 1e9
     rows = []
@@ -115,12 +116,12 @@ def measure_shape(shape: tuple[int, int], repeats: int) -> tuple[list[list[objec
         rows.append(
             [
                 f"{label} {mode}",
-                1 / per_batch[ours],
-                1 / per_batch[ref],
-                1 / per_batch["bound"],
-                f"{per_batch[ref] / per_batch[ours]:.0f}x",
-                f"{per_batch[ours] / per_batch['bound']:.2f}x",
-                gigabytes / per_batch[ours],
+                1 / median[ours],
+                1 / median[ref],
+                1 / median["bound"],
+                f"{paired_ratio(per_batch[ref], per_batch[ours]):.0f}x",
+                f"{paired_ratio(per_batch[ours], per_batch['bound']):.2f}x",
+                gigabytes / median[ours],
             ]
         )
     return rows, same_masks_as_reference(pool)
@@ -165,17 +166,7 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
         )
 
     def selection(batch):
-        found["threshold"] = kernel._threshold(
-            buf.keys,
-            k,
-            *found["tally"],
-            buf.cand_keys,
-            buf.cand_index,
-            buf.counts,
-            buf.bracket,
-            buf.key_bits,
-            buf.digit_bits,
-        )
+        found["threshold"] = kernel._threshold(buf, k, *found["tally"])
 
     def mask_write(batch):
         kernel._write_chunks(
@@ -289,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         f"float32, torch {torch.__version__}, {threads} threads. Batches/s (median of repeats). "
         "torch.ao: the same loop (add_data, step, masked get_data; frozen: no step). Bound: "
         "batch * ready float32 mask (the mask dtype pipesparse stores), same batch stream. "
-        "'x bound' = pipesparse time / bound time."
+        "'x bound' = pipesparse time / bound time. Ratios: median over rounds of each round's pair "
+        "(cases take turns)."
     )
     header = ["case", "pipesparse", "torch.ao", "bound", "vs torch.ao", "x bound", "GB/s"]
     print(table(title, header, rows))

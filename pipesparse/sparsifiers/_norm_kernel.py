@@ -304,15 +304,43 @@ def _digit_of_kth(counts, bins, k, below):
 
 
 @_jit
-def _refine(cand_keys, cand_index, found, need, counts, shift, digit_bits):
+def _kth_smallest(values, count, kth):
+    """The ``kth`` (from 0) smallest of the distinct ``values[:count]``, selected in place
+    (Hoare's selection, median-of-three pivots): no allocation, unlike ``np.partition``."""
+    lo, hi = 0, count - 1
+    while lo < hi:
+        a, b, c = values[lo], values[(lo + hi) >> 1], values[hi]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi
+        while i <= j:
+            while values[i] < pivot:
+                i += 1
+            while values[j] > pivot:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i += 1
+                j -= 1
+        if kth <= j:
+            hi = j
+        elif kth >= i:
+            lo = i
+        else:  # between the two halves: equal to the pivot
+            return values[kth]
+    return values[kth]
+
+
+@_jit
+def _refine(cand_keys, cand_index, found, need, counts, packed, shift, digit_bits):
     """(key, index) of the ``need``-th smallest of the first ``found`` candidates (in index
     order, keys below ``2 ** shift``), ties to the lower index: radix digits from the top, or,
-    when there are few (a digit's counts would outnumber them), a partition of (key, index)
-    pairs (a stable sort for 63-bit keys)."""
+    when there are few (a digit's counts would outnumber them), a selection among (key, index)
+    pairs packed into ``packed`` (a stable sort for 63-bit keys)."""
     if found <= _SORTED_MAX:
         if shift <= 31:  # key and index fit one int64 that orders by key, then by index
-            both = (cand_keys[:found].astype(np.int64) << 32) | cand_index[:found]
-            pick = np.partition(both, need - 1)[need - 1]
+            for i in range(found):
+                packed[i] = (np.int64(cand_keys[i]) << 32) | cand_index[i]
+            pick = _kth_smallest(packed, found, need - 1)
             return cand_keys.dtype.type(pick >> 32), cand_index.dtype.type(pick & 0xFFFFFFFF)
         order = np.argsort(cand_keys[:found], kind="mergesort")
         return cand_keys[order[need - 1]], cand_index[order[need - 1]]
@@ -336,19 +364,22 @@ def _refine(cand_keys, cand_index, found, need, counts, shift, digit_bits):
 
 
 @_jit
-def _threshold(keys, k, below, found, cand_keys, cand_index, counts, bracket, key_bits, digit_bits):
+def _threshold(buffers, k, below, found):
     """(threshold key, last dropped flat index among the keys equal to it) for dropping the
-    ``k`` smallest ``keys`` (k >= 1), from what :func:`_keys` counted below the bracket and
-    gathered in it. Then moves ``bracket`` (lo, hi, width, in the keys' dtype; empty before the
-    first threshold) onto the threshold for the next matrix: narrower while it holds over
-    ``_BRACKET_MAX_SHARE`` of the keys, 4x wider after a miss."""
-    flat = keys.ravel()
+    ``k`` smallest ``buffers.keys`` (k >= 1), from what the keys pass counted below the bracket
+    and gathered in it. Then moves ``buffers.bracket`` (lo, hi, width, in the keys' dtype;
+    empty before the first threshold) onto the threshold for the next matrix: narrower while it
+    holds over ``_BRACKET_MAX_SHARE`` of the keys, 4x wider after a miss."""
+    cand_keys, cand_index, counts = buffers.cand_keys, buffers.cand_index, buffers.counts
+    bracket, key_bits, digit_bits = buffers.bracket, buffers.key_bits, buffers.digit_bits
+    flat = buffers.keys.ravel()
     width = bracket[2]
-    if flat.shape[0] <= _SORTED_MAX:  # a small matrix: all its keys, sorted
+    if flat.shape[0] <= _SORTED_MAX:  # a small matrix: all its keys are the candidates
         below = 0
         found = flat.shape[0]
-        cand_keys[:found] = flat
-        cand_index[:found] = np.arange(found)
+        for i in range(found):
+            cand_keys[i] = flat[i]
+            cand_index[i] = i
     elif below < k <= below + found:
         if found > _BRACKET_MAX_SHARE * flat.shape[0] and width > 2:
             width //= 2
@@ -367,7 +398,7 @@ def _threshold(keys, k, below, found, cand_keys, cand_index, counts, bracket, ke
             cand_index[found] = i
             found += key >> shift == digit
     threshold, last_tied = _refine(
-        cand_keys, cand_index, found, k - below, counts, key_bits, digit_bits
+        cand_keys, cand_index, found, k - below, counts, buffers.packed, key_bits, digit_bits
     )
     largest = ((1 << (key_bits - 1)) - 1) * 2 + 1  # 2 ** key_bits - 1 without overflowing
     bracket[0] = max(threshold - width // 2, 0)
@@ -483,18 +514,7 @@ def _masks(x, l2, block_h, block_w, k, zeros, mask, buffers, ctrl, job):
         below, found = _merge(
             buffers.tally, chunks, chunk_rows, cols, buffers.cand_keys, buffers.cand_index
         )
-        threshold, last_tied = _threshold(
-            keys,
-            k,
-            below,
-            found,
-            buffers.cand_keys,
-            buffers.cand_index,
-            buffers.counts,
-            buffers.bracket,
-            buffers.key_bits,
-            buffers.digit_bits,
-        )
+        threshold, last_tied = _threshold(buffers, k, below, found)
         buffers.shared[0] = threshold
         buffers.shared[1] = last_tied
         atomic_store(ctrl, _READY, 1)
@@ -550,6 +570,7 @@ class _Buffers(NamedTuple):
     cand_keys: np.ndarray  # the keys gathered from the bracket
     cand_index: np.ndarray  # and their flat indices
     counts: np.ndarray  # one digit's counts
+    packed: np.ndarray  # (key, index) pairs in int64 for a selection among few
     bracket: np.ndarray  # (lo, hi, width); carries over from matrix to matrix
     tally: np.ndarray  # per chunk of block rows: (keys below the bracket, keys in it)
     shared: np.ndarray  # (threshold, last tied index), for the lane's helper
@@ -580,6 +601,7 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
             cand_keys=np.empty(rows * cols, dtype=key_type),
             cand_index=np.empty(rows * cols, dtype=np.int32),
             counts=np.empty(1 << _DIGIT_BITS, dtype=np.int32),
+            packed=np.empty(_SORTED_MAX, dtype=np.int64),
             # about +-1% of the value around the first threshold; empty (lo > hi) before it
             bracket=np.array(
                 [1, 0, 2 ** (mantissa_bits - _BRACKET_START_BITS + 1)], dtype=key_type
