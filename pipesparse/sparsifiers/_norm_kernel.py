@@ -6,12 +6,13 @@ counts, nonzero, kthvalue, the mask write) where the bound spends one multiply. 
 1. one pass over the data: each block's mean (added in avg_pool2d's order and divided as it
    divides, so the norms are bit-identical) becomes an integer sort key. The same pass counts
    the keys below a bracket around the previous matrix's threshold and gathers those inside
-   it (a percent or two, in index order);
+   it (a percent or two, in index order, by the set bits of 64-flag words);
 2. exact selection of the k-th smallest key among the gathered ones by radix digits (count a
    digit, keep the keys with the one holding it, next digit) until one key value is left;
-   ties at it go to the lower index. When the bracket misses (the first matrix of a shape, a
-   shift in the data), the keys are counted by their top digit and gathered from the digit
-   that holds the k-th: exact either way, only slower;
+   ties at it go to the lower index. Among at most 512 keys (a small matrix), one in-place
+   selection of (key, index) pairs instead. When the bracket misses (the first matrix of a
+   shape, a shift in the data), the keys are counted by their top digit and gathered from the
+   digit that holds the k-th: exact either way, only slower;
 3. one pass writing the mask block by block.
 
 A non-negative float's bits sort as integers; NaN takes +inf's key (it ranks as +inf and ties
@@ -57,8 +58,9 @@ _SORTED_MAX = 512  # up to this many keys, one partition selects the k-th (no di
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
 _CHUNK_ENTRIES = 16384  # a chunk of block rows that threads claim holds about this many entries
 # smaller matrices run alone: the helper wakes ~100 us late here, and torch's OpenMP threads,
-# still spinning after the transform's multiply, compete with it for the second core
-_LANE_MIN_ENTRIES = 1 << 19
+# still spinning after the transform's multiply, compete with it for the second core. With a
+# torch multiply between batches, the helper made 256x1024 10-12% faster, 128x1024 6-7% slower
+_LANE_MIN_ENTRIES = 1 << 18
 # the kernel's counters in the lane's ctrl words, after STATE and LEFT
 _KEYS_NEXT, _KEYS_DONE, _READY, _WRITE_NEXT, _WRITE_DONE = 2, 3, 4, 5, 6
 # bracket around the last threshold, in key units (ulps): from about +-1% of the value, halved
