@@ -307,28 +307,32 @@ def _digit_of_kth(counts, bins, k, below):
 
 @_jit
 def _kth_smallest(values, count, kth):
-    """The ``kth`` (from 0) smallest of the distinct ``values[:count]``, selected in place
-    (Hoare's selection, median-of-three pivots): no allocation, unlike ``np.partition``."""
+    """The ``kth`` (from 0) smallest of the distinct ``values[:count]``, selected in place: no
+    allocation, unlike ``np.partition``. Quickselect with median-of-three pivots, each round
+    partitioned without a branch on the values (the pairs are unordered: a branch per pair
+    would mispredict half the time)."""
     lo, hi = 0, count - 1
     while lo < hi:
-        a, b, c = values[lo], values[(lo + hi) >> 1], values[hi]
-        pivot = max(min(a, b), min(max(a, b), c))
-        i, j = lo, hi
-        while i <= j:
-            while values[i] < pivot:
-                i += 1
-            while values[j] > pivot:
-                j -= 1
-            if i <= j:
-                values[i], values[j] = values[j], values[i]
-                i += 1
-                j -= 1
-        if kth <= j:
-            hi = j
-        elif kth >= i:
-            lo = i
-        else:  # between the two halves: equal to the pivot
-            return values[kth]
+        mid = (lo + hi) >> 1
+        a, b, c = values[lo], values[mid], values[hi]
+        pick = mid if (a < b) == (b < c) else (lo if (b < a) == (a < c) else hi)
+        pivot = values[pick]
+        values[pick] = values[hi]
+        values[hi] = pivot
+        store = lo
+        for i in range(lo, hi):  # values < pivot to the front: swap, advance when smaller
+            value = values[i]
+            values[i] = values[store]
+            values[store] = value
+            store += value < pivot
+        values[hi] = values[store]
+        values[store] = pivot
+        if kth == store:
+            return pivot
+        if kth < store:
+            hi = store - 1
+        else:
+            lo = store + 1
     return values[kth]
 
 
