@@ -6,9 +6,9 @@
 An in-memory dataset of float32 rows, 2 workers (persistent, so start-up is not timed), the
 same sampler and batch size for every loader; an epoch's wall time in the main process is the
 figure. Loaders take turns epoch by epoch; the added time is the median of each round's pair
-(this VM's speed drifts by tens of percent within a minute). Rule: DataNormSparsifier, L1, 1x4 blocks,
-sparsity 0.5; "frozen" fits its mask in the main process first (mask over features), as a
-loader with workers needs.
+(this VM's speed drifts by tens of percent within a minute). Rule: DataNormSparsifier, L1,
+1x4 blocks, sparsity 0.5; "frozen" fits its mask in the main process first (mask over
+features), as a loader with workers needs.
 """
 
 from __future__ import annotations

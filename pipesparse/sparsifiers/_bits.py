@@ -33,7 +33,7 @@ def float_bits(typingctx, value, like):
 
 @intrinsic
 def trailing_zeros(typingctx, word):
-    """Index of the lowest set bit of a non-zero unsigned 64-bit ``word`` (an int64)."""
+    """Index of the lowest set bit of a non-zero unsigned 64-bit ``word``, as an int64."""
     if word != types.uint64:
         return None
 

@@ -54,7 +54,7 @@ _BYTE_MASKS = (torch.bool, torch.uint8, torch.int8)
 _CACHE = threading.local()
 _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
 _NO_LANE = contextlib.nullcontext()  # reusable: a kernel run without the lane
-_SORTED_MAX = 512  # up to this many keys, one partition selects the k-th (no digit counts)
+_SORTED_MAX = 512  # up to this many keys, one in-place selection finds the k-th (no digits)
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
 _CHUNK_ENTRIES = 16384  # a chunk of block rows that threads claim holds about this many entries
 # smaller matrices run alone: the helper wakes ~100 us late here, and torch's OpenMP threads,
@@ -309,8 +309,8 @@ def _digit_of_kth(counts, bins, k, below):
 def _kth_smallest(values, count, kth):
     """The ``kth`` (from 0) smallest of the distinct ``values[:count]``, selected in place: no
     allocation, unlike ``np.partition``. Quickselect with median-of-three pivots, each round
-    partitioned without a branch on the values (the pairs are unordered: a branch per pair
-    would mispredict half the time)."""
+    partitioned without a branch on the values (they come in no order: a branch per value
+    would mispredict about half the time)."""
     lo, hi = 0, count - 1
     while lo < hi:
         mid = (lo + hi) >> 1
