@@ -155,11 +155,11 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
     found = {}
 
     ctrl = np.zeros(8, dtype=np.int64)  # the kernel's chunk counters, one thread
-    scratch = kernel._row_scratch(pool[0].numpy(), buf.keys)  # one thread's row scratch
+    sums = np.empty(buf.keys.shape[1], dtype=np.float32)  # one thread's row of block sums
 
     def keys_pass(batch):
         ctrl[:] = 0
-        kernel._key_chunks(batch.numpy(), False, 1, 4, buf, ctrl, scratch)
+        kernel._key_chunks(batch.numpy(), False, 1, 4, buf, ctrl, sums)
         chunks = buf.tally.shape[0]
         found["tally"] = kernel._merge(
             buf.tally, chunks, buf.chunk_rows, buf.keys.shape[1], buf.cand_keys, buf.cand_index

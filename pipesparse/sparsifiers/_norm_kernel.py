@@ -67,7 +67,6 @@ _KEYS_NEXT, _KEYS_DONE, _READY, _WRITE_NEXT, _WRITE_DONE = 2, 3, 4, 5, 6
 # while it gathers more than 2% of the keys, widened 4x when it misses
 _BRACKET_START_BITS = 7  # half the width = 2 ** (mantissa bits - this)
 _BRACKET_MAX_SHARE = 0.02
-_GATHER_BITS = np.uint64(0x0102040810204080)  # byte i's low bit -> bit 56 + i of the product
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 # numba-level inlining only where a constant argument must specialise a loop (block widths):
 # it costs seconds of compile per call site. Small helpers are plain _jit; LLVM inlines them
@@ -80,131 +79,156 @@ def _norm(value, l2):
 
 
 @_inline
-def _add_row(row, sums, block_w, full, l2):
-    """Add one matrix row's entries into the sums of its blocks, left to right."""
-    for c in range(full):
+def _add_row(row, sums, block_w, l2):
+    """Add one matrix row's entries into the sums of its whole blocks, left to right (the
+    partial block at the right edge is :func:`_add_edge`'s: in this loop's function it slows
+    the loop down)."""
+    for c in range(row.shape[0] // block_w):
         total = sums[c]
         base = c * block_w
         for j in range(block_w):
             total += _norm(row[base + j], l2)
         sums[c] = total
-    if full < sums.shape[0]:  # the partial block at the right edge
-        total = sums[full]
-        for j in range(full * block_w, row.shape[0]):
-            total += _norm(row[j], l2)
-        sums[full] = total
+
+
+@_jit
+def _add_edge(row, sums, left, l2):
+    """Add the row's entries from ``left`` on into the sum of its partial block at the edge."""
+    total = sums[-1]
+    for j in range(left, row.shape[0]):
+        total += _norm(row[j], l2)
+    sums[-1] = total
 
 
 @_inline
-def _add_row_any(row, sums, block_w, full, l2):
+def _add_row_any(row, sums, block_w, l2):
     """:func:`_add_row` with the width a compile-time constant for 1x2 and 1x4 blocks (the loop
     unrolls and vectorises; every width compiled in costs seconds of first-use compile)."""
     if l2:
         if block_w == 2:
-            _add_row(row, sums, 2, full, True)
+            _add_row(row, sums, 2, True)
         elif block_w == 4:
-            _add_row(row, sums, 4, full, True)
+            _add_row(row, sums, 4, True)
         else:
-            _add_row(row, sums, block_w, full, True)
+            _add_row(row, sums, block_w, True)
     elif block_w == 2:
-        _add_row(row, sums, 2, full, False)
+        _add_row(row, sums, 2, False)
     elif block_w == 4:
-        _add_row(row, sums, 4, full, False)
+        _add_row(row, sums, 4, False)
     else:
-        _add_row(row, sums, block_w, full, False)
+        _add_row(row, sums, block_w, False)
 
 
 @_jit
-def _mean(total, count):
+def _mean(total, count, like):
     """total / count rounded as avg_pool2d rounds it: a float division in the data's dtype (the
-    caller rounds to it). A power of two is a multiplication in float64, the same real number."""
-    return total * (1.0 / count) if count & (count - 1) == 0 else total / count
+    caller rounds to it). A power of two is a multiplication in ``like``'s dtype: the same real
+    number, rounded once, without widening the lanes to float64."""
+    if count & (count - 1) == 0:
+        return total * like.dtype.type(1.0 / count)
+    return total / count
 
 
 @_jit
-def _key_and_flag(mean, c, like, key_row, lo, hi, in_bracket, magnitude, inf):
-    """Store block ``c``'s sort key (its mean rounded to ``like``'s dtype; -0.0 takes +0.0's,
-    NaN +inf's), flag it when it is in ``lo .. hi``; 1 when it is below ``lo``."""
-    key = min(float_bits(mean, like) & magnitude, inf)
-    key_row[c] = key
-    in_bracket[c] = (key >= lo) & (key <= hi)
-    return key < lo
+def _key(mean, like, magnitude, inf):
+    """A block's sort key: its mean rounded to ``like``'s dtype, as an integer (-0.0 takes
+    +0.0's key, NaN +inf's)."""
+    return min(float_bits(mean, like) & magnitude, inf)
 
 
 @_inline
-def _keys_of_sums(sums, key_row, start, stop, count, lo, hi, in_bracket, magnitude, inf):
+def _keys_of_sums(sums, key_row, start, stop, count, lo, magnitude, inf):
     """Keys of the block sums ``start:stop`` of a row of blocks of ``count`` entries each, and
     how many of them fall below ``lo``. One loop, no branch: it vectorises."""
     below = 0
     for c in range(start, stop):
-        mean = _mean(sums[c], count)
-        below += _key_and_flag(mean, c, sums, key_row, lo, hi, in_bracket, magnitude, inf)
+        key = _key(_mean(sums[c], count, sums), sums, magnitude, inf)
+        key_row[c] = key
+        below += key < lo
     return below
 
 
 @_inline
-def _keys_of_row(row, l2, block_w, key_row, lo, hi, in_bracket, magnitude, inf):
-    """:func:`_keys_of_sums` for blocks one matrix row high, summed in the same loop (left to
-    right, as avg_pool2d adds them): no sums array between two loops."""
-    cols = key_row.shape[0]
-    full = row.shape[0] // block_w
+def _keys_of_rows(x, l2, block_w, keys, top_row, stop_row, lo, magnitude, inf):
+    """:func:`_keys_of_sums` for blocks one matrix row high (rows ``top_row:stop_row``), each
+    block summed in the loop that keys it (left to right, as avg_pool2d adds them): no sums
+    array between two loops. The partial block at the right edge is :func:`_edge_key`'s:
+    inside this loop's function it costs the loop a quarter of its speed."""
+    full = x.shape[1] // block_w
     below = 0
-    for c in range(full):
-        base = c * block_w
-        total = _norm(row[base], l2)  # = 0 + it: a norm is never -0.0
-        for j in range(base + 1, base + block_w):
-            total += _norm(row[j], l2)
-        mean = _mean(total, block_w)
-        below += _key_and_flag(mean, c, row, key_row, lo, hi, in_bracket, magnitude, inf)
-    if full < cols:  # the partial block at the right edge
-        left = full * block_w
-        total = _norm(row[left], l2)
-        for j in range(left + 1, row.shape[0]):
-            total += _norm(row[j], l2)
-        mean = _mean(total, row.shape[0] - left)
-        below += _key_and_flag(mean, full, row, key_row, lo, hi, in_bracket, magnitude, inf)
+    for r in range(top_row, stop_row):
+        row, key_row = x[r], keys[r]
+        for c in range(full):
+            base = c * block_w
+            total = _norm(row[base], l2)  # = 0 + it: a norm is never -0.0
+            for j in range(1, block_w):  # a constant trip count: unrolled, the loop vectorises
+                total += _norm(row[base + j], l2)
+            key = _key(_mean(total, block_w, row), row, magnitude, inf)
+            key_row[c] = key
+            below += key < lo
+        if full < key_row.shape[0]:
+            below += _edge_key(row, l2, full * block_w, key_row, lo, magnitude, inf)
     return below
 
 
+@_jit
+def _edge_key(row, l2, left, key_row, lo, magnitude, inf):
+    """:func:`_keys_of_rows` for the partial block from ``left`` to the end of the row."""
+    total = _norm(row[left], l2)
+    for j in range(left + 1, row.shape[0]):
+        total += _norm(row[j], l2)
+    key = _key(_mean(total, row.shape[0] - left, row), row, magnitude, inf)
+    key_row[-1] = key
+    return key < lo
+
+
 @_inline
-def _keys_of_row_any(row, l2, block_w, key_row, lo, hi, in_bracket, magnitude, inf):
-    """:func:`_keys_of_row` with the width a compile-time constant for 1x2 and 1x4 blocks."""
+def _keys_of_rows_any(x, l2, block_w, keys, top_row, stop_row, lo, magnitude, inf):
+    """:func:`_keys_of_rows` with the width a compile-time constant for 1x2 and 1x4 blocks,
+    chosen once per chunk of rows (chosen per row, the choice slows the pass down)."""
     if l2:
         if block_w == 2:
-            return _keys_of_row(row, True, 2, key_row, lo, hi, in_bracket, magnitude, inf)
+            return _keys_of_rows(x, True, 2, keys, top_row, stop_row, lo, magnitude, inf)
         if block_w == 4:
-            return _keys_of_row(row, True, 4, key_row, lo, hi, in_bracket, magnitude, inf)
-        return _keys_of_row(row, True, block_w, key_row, lo, hi, in_bracket, magnitude, inf)
+            return _keys_of_rows(x, True, 4, keys, top_row, stop_row, lo, magnitude, inf)
+        return _keys_of_rows(x, True, block_w, keys, top_row, stop_row, lo, magnitude, inf)
     if block_w == 2:
-        return _keys_of_row(row, False, 2, key_row, lo, hi, in_bracket, magnitude, inf)
+        return _keys_of_rows(x, False, 2, keys, top_row, stop_row, lo, magnitude, inf)
     if block_w == 4:
-        return _keys_of_row(row, False, 4, key_row, lo, hi, in_bracket, magnitude, inf)
-    return _keys_of_row(row, False, block_w, key_row, lo, hi, in_bracket, magnitude, inf)
+        return _keys_of_rows(x, False, 4, keys, top_row, stop_row, lo, magnitude, inf)
+    return _keys_of_rows(x, False, block_w, keys, top_row, stop_row, lo, magnitude, inf)
 
 
 @_inline
-def _gather(key_row, in_bracket, start, cand_keys, cand_index, found):
-    """Append the flagged keys of one row (``start`` = its first flat index) in index order:
-    each 64 flags become one word whose set bits are visited lowest first, so the only branch
-    that depends on the data is a loop's end (1-4% of the keys are flagged, scattered: a
-    branch per key or per 8 flags mispredicts most of the time)."""
-    words = in_bracket.view(np.uint64)
-    for group in range(words.shape[0] // 8):
+def _gather(key_row, lo, hi, start, cand_keys, cand_index, found):
+    """Append the keys of one row (``start`` = its first flat index) that are in ``lo .. hi``,
+    in index order: each 64 comparisons become one word (a vectorised loop) whose set bits are
+    visited lowest first, so the only branch that depends on the data is a loop's end (1-4% of
+    the keys are in, scattered: a branch per key mispredicts most of the time). Comparing here
+    rather than storing flags in the keys loop saves that loop's stores and this one's loads of
+    bytes as words, which stall."""
+    cols = key_row.shape[0]
+    for group in range(cols // 64):
         flags = np.uint64(0)
-        for byte in range(8):  # 8 bytes of 0/1 -> 8 bits (each lands in its own bit)
-            eight = (words[group * 8 + byte] * _GATHER_BITS) >> np.uint64(56)
-            flags |= eight << np.uint64(8 * byte)
+        for bit in range(64):
+            key = key_row[group * 64 + bit]
+            flags |= np.uint64((key >= lo) & (key <= hi)) << np.uint64(bit)
         while flags:
             c = group * 64 + trailing_zeros(flags)
             cand_keys[found] = key_row[c]
             cand_index[found] = start + c
             found += 1
             flags &= flags - np.uint64(1)
+    for c in range(cols // 64 * 64, cols):  # the last few: written always, kept when in
+        key = key_row[c]
+        cand_keys[found] = key
+        cand_index[found] = start + c
+        found += (key >= lo) & (key <= hi)
     return found
 
 
 @_inline
-def _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums, in_bracket):
+def _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums):
     """Sort keys of the block means of block rows ``top_row:stop_row`` of one (H, W) matrix:
     the one pass over their data. Returns (keys below the bracket, keys in it), the latter
     gathered in index order into ``buffers.cand_keys``/``cand_index`` from the rows' first
@@ -214,59 +238,44 @@ def _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums, in_brac
     height, width = x.shape
     cols = keys.shape[1]
     full = width // block_w
-    below = 0
-    start = top_row * cols
-    found = start
-    for r in range(top_row, stop_row):
-        top = r * block_h
-        bottom = min(top + block_h, height)
-        key_row = keys[r]
-        if bottom - top == 1:
-            below += _keys_of_row_any(
-                x[top], l2, block_w, key_row, lo, hi, in_bracket, magnitude, inf
-            )
-        else:
+    if block_h == 1:
+        below = _keys_of_rows_any(x, l2, block_w, keys, top_row, stop_row, lo, magnitude, inf)
+    else:
+        below = 0
+        for r in range(top_row, stop_row):
+            top = r * block_h
+            bottom = min(top + block_h, height)
             sums[:] = 0
             for i in range(top, bottom):  # row by row, as avg_pool2d adds up a window
-                _add_row_any(x[i], sums, block_w, full, l2)
+                _add_row_any(x[i], sums, block_w, l2)
+                if full < cols:
+                    _add_edge(x[i], sums, full * block_w, l2)
             count = (bottom - top) * block_w
-            below += _keys_of_sums(
-                sums, key_row, 0, full, count, lo, hi, in_bracket, magnitude, inf
-            )
+            below += _keys_of_sums(sums, keys[r], 0, full, count, lo, magnitude, inf)
             count = (bottom - top) * (width - full * block_w)  # the partial block at the edge
-            below += _keys_of_sums(
-                sums, key_row, full, cols, count, lo, hi, in_bracket, magnitude, inf
-            )
-        found = _gather(key_row, in_bracket, r * cols, buffers.cand_keys, buffers.cand_index, found)
+            below += _keys_of_sums(sums, keys[r], full, cols, count, lo, magnitude, inf)
+    start = top_row * cols
+    found = start
+    for r in range(top_row, stop_row):  # the chunk's keys are still in this core's cache
+        found = _gather(keys[r], lo, hi, r * cols, buffers.cand_keys, buffers.cand_index, found)
     return below, found - start
 
 
-@_inline
-def _row_scratch(x, keys):
-    """A thread's scratch for one row of blocks: sums, and bracket flags in whole 64-byte
-    groups (the tail past the row stays zero)."""
-    cols = keys.shape[1]
-    return np.empty(cols, x.dtype), np.zeros(-(-cols // 64) * 64, np.uint8)
-
-
 @_jit
-def _key_chunks(x, l2, block_h, block_w, buffers, ctrl, scratch):
+def _key_chunks(x, l2, block_h, block_w, buffers, ctrl, sums):
     """Claim chunks of ``buffers.chunk_rows`` block rows (``ctrl[_KEYS_NEXT]``) until none is
     left and run the keys pass on each: ``buffers.tally[chunk]`` = (keys below the bracket,
     keys gathered), and ``ctrl[_KEYS_DONE]`` counts the chunks done. Any number of threads may
-    run it at once, each with row scratch of its own (:func:`_row_scratch`)."""
+    run it at once, each with ``sums`` of its own (one row of blocks, the data's dtype)."""
     rows, chunk_rows = buffers.keys.shape[0], buffers.chunk_rows
     chunks = -(-rows // chunk_rows)
-    sums, in_bracket = scratch
     while True:
         chunk = atomic_add(ctrl, _KEYS_NEXT, 1)
         if chunk >= chunks:
             return
         top_row = chunk * chunk_rows
         stop_row = min(top_row + chunk_rows, rows)
-        below, found = _key_rows(
-            x, l2, block_h, block_w, buffers, top_row, stop_row, sums, in_bracket
-        )
+        below, found = _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums)
         buffers.tally[chunk, 0] = below
         buffers.tally[chunk, 1] = found
         atomic_add(ctrl, _KEYS_DONE, 1)
@@ -414,31 +423,47 @@ def _threshold(buffers, k, below, found):
 
 
 @_inline
-def _write_row(key_row, first, threshold, last_tied, mask_row, block_w, full):
-    """One matrix row of the mask: each block's entries 0 (dropped) or 1, stored from a
-    comparison (no branch)."""
-    for c in range(full):
-        key = key_row[c]
-        kept = (key > threshold) | ((key == threshold) & (first + c > last_tied))
-        base = c * block_w
-        for j in range(block_w):
-            mask_row[base + j] = kept
-    if full < key_row.shape[0]:
-        key = key_row[full]
-        kept = (key > threshold) | ((key == threshold) & (first + full > last_tied))
-        for j in range(full * block_w, mask_row.shape[0]):
-            mask_row[j] = kept
+def _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w):
+    """The mask of block rows ``top_row:stop_row``: each block's entries 0 (dropped) or 1,
+    stored from a comparison (no branch). Whole blocks here, the partial one at the right edge
+    in :func:`_write_edge` (in this loop's function it slows the loop down)."""
+    height, width = mask.shape
+    cols = keys.shape[1]
+    full = width // block_w
+    for r in range(top_row, stop_row):
+        key_row = keys[r]
+        first = r * cols
+        for i in range(r * block_h, min(r * block_h + block_h, height)):
+            mask_row = mask[i]
+            for c in range(full):
+                key = key_row[c]
+                kept = (key > threshold) | ((key == threshold) & (first + c > last_tied))
+                base = c * block_w
+                for j in range(block_w):
+                    mask_row[base + j] = kept
+            if full < cols:
+                _write_edge(key_row, first, threshold, last_tied, mask_row, full * block_w)
+
+
+@_jit
+def _write_edge(key_row, first, threshold, last_tied, mask_row, left):
+    """:func:`_write_rows` for the partial block from ``left`` to the end of the row."""
+    c = key_row.shape[0] - 1
+    kept = (key_row[c] > threshold) | ((key_row[c] == threshold) & (first + c > last_tied))
+    for j in range(left, mask_row.shape[0]):
+        mask_row[j] = kept
 
 
 @_inline
-def _write_row_any(key_row, first, threshold, last_tied, mask_row, block_w, full):
-    """:func:`_write_row` with the width a compile-time constant for 1x2 and 1x4 blocks."""
+def _write_rows_any(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w):
+    """:func:`_write_rows` with the width a compile-time constant for 1x2 and 1x4 blocks,
+    chosen once per chunk (chosen per row, the choice costs a quarter of the pass)."""
     if block_w == 2:
-        _write_row(key_row, first, threshold, last_tied, mask_row, 2, full)
+        _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, 2)
     elif block_w == 4:
-        _write_row(key_row, first, threshold, last_tied, mask_row, 4, full)
+        _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, 4)
     else:
-        _write_row(key_row, first, threshold, last_tied, mask_row, block_w, full)
+        _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w)
 
 
 @_jit
@@ -488,17 +513,15 @@ def _write_chunks(block_h, block_w, keys, threshold, last_tied, mask, chunk_rows
     """Claim chunks of ``chunk_rows`` block rows (``ctrl[_WRITE_NEXT]``) until none is left and
     write their mask: a block is dropped when its key is below ``threshold``, or equal to it at a
     flat index up to ``last_tied``. ``ctrl[_WRITE_DONE]`` counts the chunks done."""
-    height, width = mask.shape
-    rows, cols = keys.shape
-    full = width // block_w
+    rows = keys.shape[0]
     chunks = -(-rows // chunk_rows)
     while True:
         chunk = atomic_add(ctrl, _WRITE_NEXT, 1)
         if chunk >= chunks:
             return
-        for r in range(chunk * chunk_rows, min(chunk * chunk_rows + chunk_rows, rows)):
-            for i in range(r * block_h, min(r * block_h + block_h, height)):
-                _write_row_any(keys[r], r * cols, threshold, last_tied, mask[i], block_w, full)
+        top_row = chunk * chunk_rows
+        stop_row = min(top_row + chunk_rows, rows)
+        _write_rows_any(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w)
         atomic_add(ctrl, _WRITE_DONE, 1)
 
 
@@ -511,11 +534,11 @@ def _masks(x, l2, block_h, block_w, k, zeros, mask, buffers, ctrl, job):
     keys, chunk_rows = buffers.keys, buffers.chunk_rows
     rows, cols = keys.shape
     chunks = -(-rows // chunk_rows)
-    scratch = _row_scratch(x, keys)
+    sums = np.empty(cols, x.dtype)
     for b in range(x.shape[0]):
         if b > 0:
             ctrl[_KEYS_NEXT : _WRITE_DONE + 1] = 0
-        _key_chunks(x[b], l2, block_h, block_w, buffers, ctrl, scratch)
+        _key_chunks(x[b], l2, block_h, block_w, buffers, ctrl, sums)
         _wait(ctrl, _KEYS_DONE, chunks)
         below, found = _merge(
             buffers.tally, chunks, chunk_rows, cols, buffers.cand_keys, buffers.cand_index
@@ -547,7 +570,8 @@ def _assist(x, l2, block_h, block_w, mask, buffers, ctrl, job):
     data while the job is open (nothing once it is closed)."""
     if not atomic_cas(ctrl, STATE, job * 4 + OPEN, job * 4 + JOINED):
         return
-    _key_chunks(x, l2, block_h, block_w, buffers, ctrl, _row_scratch(x, buffers.keys))
+    sums = np.empty(buffers.keys.shape[1], x.dtype)
+    _key_chunks(x, l2, block_h, block_w, buffers, ctrl, sums)
     _wait(ctrl, _READY, 1)
     keys = buffers.keys
     threshold = keys.dtype.type(buffers.shared[0])
