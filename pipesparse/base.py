@@ -65,6 +65,15 @@ def apply_mask(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == data.dtype else out.to(data.dtype)
 
 
+def _write_masked(data: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` = :func:`apply_mask` ``(data, mask)``, into ``out`` (which may be ``data``)."""
+    with torch.no_grad():
+        if torch.can_cast(torch.result_type(data, mask), out.dtype):
+            torch.mul(data, mask, out=out)
+        else:  # integer data: the product is a float, cast back as apply_mask casts it
+            out.copy_(apply_mask(data, mask))
+
+
 def _dtype_from_name(name: str, text: Any) -> torch.dtype:
     dtype = _MASK_DTYPES.get(text) if isinstance(text, str) else None
     if dtype is None:
@@ -205,9 +214,18 @@ class BaseDataSparsifier(abc.ABC):
         return name in self._squashed
 
     # -- updates ----------------------------------------------------------------------------
-    def step(self) -> None:
-        """Recompute every attached, unsquashed name's mask with :meth:`update_mask`."""
+    def step(self, masked_out: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Recompute every attached, unsquashed name's mask with :meth:`update_mask`.
+
+        ``masked_out`` maps names to a tensor of their data's shape that receives the data
+        masked by its new mask (``get_data(name, return_original=False)``, in the data's
+        dtype); the data itself masks it in place, any other tensor must not overlap it. A rule
+        may write it in the pass that writes the mask, saving a pass over the data
+        (:class:`~pipesparse.DataNormSparsifier` does on CPU)."""
+        self._check_masked_out(masked_out or {})
         if not self.enable_mask_update:
+            for name, out in (masked_out or {}).items():
+                _write_masked(self._data[name], self.state[name]["mask"], out)
             return
         self._step_count += 1
         # no_grad, called as a function: the context manager's objects cost ~15 us a step once
@@ -218,16 +236,48 @@ class BaseDataSparsifier(abc.ABC):
             for name, config in self.data_groups.items():
                 data = self._data[name]
                 if data is not None and name not in self._squashed:
-                    self._update_keeping_storage(name, data, config)
+                    out = masked_out.get(name) if masked_out else None
+                    self._update_keeping_storage(name, data, config, out)
         finally:
             torch.set_grad_enabled(grad)
 
-    def _update_keeping_storage(self, name: str, data: torch.Tensor, config: dict) -> None:
+    def _check_masked_out(self, masked_out: Mapping[str, torch.Tensor]) -> None:
+        """Raise before any mask changes when ``step``'s ``masked_out`` cannot be filled."""
+        for name, out in masked_out.items():
+            self._require(name)
+            data = self._data[name]
+            if data is None or name in self._squashed:
+                state = "is squashed" if data is not None else "has no data attached"
+                raise ValueError(f"masked_out names {name!r}, which {state}: nothing to mask")
+            if not isinstance(out, torch.Tensor) or out.shape != data.shape:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(
+                    f"masked_out[{name!r}] must be a tensor of the data's shape "
+                    f"{tuple(data.shape)}, got {shape}"
+                )
+
+    def _update_mask_and_masked(
+        self, name: str, data: torch.Tensor, out: torch.Tensor, **config: Any
+    ) -> bool:
+        """:meth:`update_mask`, and True when it also wrote ``data * new mask`` into ``out``
+        (a rule that can do both in one pass overrides this; the base writes nothing)."""
+        self.update_mask(name, data, **config)
+        return False
+
+    def _update_keeping_storage(
+        self, name: str, data: torch.Tensor, config: dict, out: torch.Tensor | None = None
+    ) -> None:
         mask = self.state[name]["mask"]
         storage = mask.detach()  # alias of the current storage, survives `mask.data = ...`
-        self.update_mask(name, data, **config)
+        if out is None:
+            written = False
+            self.update_mask(name, data, **config)
+        else:
+            written = self._update_mask_and_masked(name, data, out, **config)
         new = self.state[name]["mask"]
         if new is mask and new.data_ptr() == storage.data_ptr():
+            if out is not None and not written:
+                _write_masked(data, mask, out)
             return
         if new.shape != storage.shape:
             produced = tuple(new.shape)
@@ -240,6 +290,8 @@ class BaseDataSparsifier(abc.ABC):
         storage.copy_(new)
         mask.data = storage
         self.state[name]["mask"] = mask
+        if out is not None:
+            _write_masked(data, mask, out)
 
     def squash_mask(
         self, names: str | Iterable[str] | None = None, leave_parametrized: bool = True

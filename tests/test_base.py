@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -266,6 +267,116 @@ def test_rule_that_changes_the_mask_shape_is_an_error_and_keeps_the_mask():
     with pytest.raises(ValueError, match=r"'x'.*\(7,\).*\(2, 3\)"):
         s.step()
     assert s.get_mask("x") is mask and torch.equal(mask, torch.ones(2, 3))
+
+
+# -- step(masked_out=...) ------------------------------------------------------------------------
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes: equal bits, so -0.0 and NaN payloads count."""
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [ZeroNegativeIndexing, ZeroNegativeInPlaceMul, ZeroNegativeDataAssign, ZeroNegativeReplace],
+)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_step_writes_the_masked_data_into_masked_out_for_any_rule(rule, in_place):
+    x = torch.tensor([[1.0, -2.0], [-3.0, 4.0]])
+    data = x.clone()
+    s = rule([("x", data)])
+    out = data if in_place else torch.full_like(x, 7.0)
+    s.step(masked_out={"x": out})
+    expected = x * s.get_mask("x")
+    assert torch.equal(out, expected)
+    assert torch.equal(data, expected if in_place else x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int64])
+def test_masked_out_keeps_the_datas_dtype_as_get_data_does(dtype):
+    x = torch.tensor([[1, -2], [-3, 4]], dtype=dtype)
+    s = ZeroNegativeIndexing([("x", x)])
+    out = torch.empty_like(x)
+    s.step(masked_out={"x": out})
+    assert out.dtype == dtype and torch.equal(out, s.get_data("x", return_original=False))
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (3, 5, 8), (7, 13), (64, 1000), (300,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("block,zeros", [((1, 4), None), ((2, 3), None), ((1, 4), 2)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_data_norm_masked_out_is_the_masked_data_bit_for_bit(shape, dtype, block, zeros, in_place):
+    """The CPU kernel writes the product in its mask pass (whole blocks, float32/64): the same
+    bits as ``data * mask``, -0.0 and NaN included; other cases take the base's multiply."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))).to(dtype)
+    x.view(-1)[:4] = torch.tensor([math.nan, -0.0, -math.inf, -1e-3], dtype=dtype)
+    data = x.clone()
+    s = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=block, zeros_per_block=zeros)
+    s.add_data("x", data)
+    out = data if in_place else torch.empty_like(x)
+    s.step(masked_out={"x": out})
+    assert torch.equal(bits(out), bits(x * s.get_mask("x")))
+    assert torch.equal(bits(data), bits(out if in_place else x))
+
+
+def test_data_norm_masked_out_that_is_not_contiguous_or_is_a_view_of_other_data():
+    x = torch.randn(32, 64)
+    s = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4))
+    s.add_data("x", x)
+    wide = torch.zeros(32, 128)
+    out = wide[:, ::2]  # not contiguous: the base's multiply writes it
+    s.step(masked_out={"x": out})
+    assert torch.equal(out, x * s.get_mask("x")) and torch.equal(wide[:, 1::2], torch.zeros(32, 64))
+    transposed = torch.randn(64, 32).t()  # data not contiguous, out contiguous
+    s.add_data("x", transposed)
+    out = torch.empty(32, 64)
+    s.step(masked_out={"x": out})
+    assert torch.equal(out, transposed * s.get_mask("x"))
+
+
+def test_a_data_norm_subclass_with_its_own_rule_is_not_bypassed_by_masked_out():
+    class KeepAll(DataNormSparsifier):
+        def update_mask(self, name, data, **config):
+            self.get_mask(name).fill_(1)
+
+    x = torch.randn(8, 16)
+    s = KeepAll(sparsity_level=0.5)
+    s.add_data("x", x)
+    out = torch.empty_like(x)
+    s.step(masked_out={"x": out})
+    assert torch.equal(s.get_mask("x"), torch.ones(8, 16)) and torch.equal(out, x)
+
+
+def test_masked_out_with_mask_updates_disabled_holds_the_data_under_the_current_mask():
+    x = torch.tensor([1.0, -2.0, 3.0])
+    s = Recording([("x", x)])
+    s.get_mask("x")[1] = 0
+    s.enable_mask_update = False
+    out = torch.empty(3)
+    s.step(masked_out={"x": out})
+    assert s.calls == [] and torch.equal(out, torch.tensor([1.0, 0.0, 3.0]))
+
+
+@pytest.mark.parametrize(
+    "masked_out,error,match",
+    [
+        ({"y": torch.empty(2, 2)}, UnknownDataError, r"'y'.*registered names: 'x'"),
+        ({"x": torch.empty(3)}, ValueError, r"masked_out\['x'\].*\(2, 2\).*\(3,\)"),
+        ({"x": [[0.0, 0.0]]}, ValueError, r"masked_out\['x'\].*list"),
+    ],
+)
+def test_bad_masked_out_is_a_clear_error_before_any_mask_changes(masked_out, error, match):
+    x = torch.tensor([[1.0, -2.0], [-3.0, 4.0]])
+    s = ZeroNegativeIndexing([("x", x)])
+    with pytest.raises(error, match=match):
+        s.step(masked_out=masked_out)
+    assert torch.equal(s.get_mask("x"), torch.ones(2, 2))
+
+
+def test_masked_out_naming_a_squashed_name_is_a_clear_error():
+    s = ZeroNegativeIndexing([("x", torch.randn(2, 2)), ("z", torch.randn(2))])
+    s.squash_mask(names=["z"])
+    with pytest.raises(ValueError, match=r"'z'.*squashed"):
+        s.step(masked_out={"z": torch.empty(2)})
 
 
 # -- get_mask / get_data -------------------------------------------------------------------------

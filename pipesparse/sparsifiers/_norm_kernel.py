@@ -423,10 +423,12 @@ def _threshold(buffers, k, below, found):
 
 
 @_inline
-def _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w):
+def _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, out):
     """The mask of block rows ``top_row:stop_row``: each block's entries 0 (dropped) or 1,
-    stored from a comparison (no branch). Whole blocks here, the partial one at the right edge
-    in :func:`_write_edge` (in this loop's function it slows the loop down)."""
+    stored from a comparison (no branch); with ``out`` (not None) also ``x * mask`` there, in
+    the data's dtype (``out`` may be ``x``: each entry is read before it is written). Whole
+    blocks here, the partial one at the right edge in :func:`_write_edge` (in this loop's
+    function it slows the loop down)."""
     height, width = mask.shape
     cols = keys.shape[1]
     full = width // block_w
@@ -441,8 +443,16 @@ def _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, bl
                 base = c * block_w
                 for j in range(block_w):
                     mask_row[base + j] = kept
+                if out is not None:
+                    factor = x.dtype.type(kept)  # x * 0.0 as torch multiplies: -0.0, NaN stay
+                    for j in range(block_w):
+                        out[i, base + j] = x[i, base + j] * factor
             if full < cols:
                 _write_edge(key_row, first, threshold, last_tied, mask_row, full * block_w)
+                if out is not None:
+                    factor = x.dtype.type(mask_row[width - 1] != 0)
+                    for j in range(full * block_w, width):
+                        out[i, j] = x[i, j] * factor
 
 
 @_jit
@@ -455,15 +465,15 @@ def _write_edge(key_row, first, threshold, last_tied, mask_row, left):
 
 
 @_inline
-def _write_rows_any(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w):
+def _write_rows_any(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, out):
     """:func:`_write_rows` with the width a compile-time constant for 1x2 and 1x4 blocks,
     chosen once per chunk (chosen per row, the choice costs a quarter of the pass)."""
     if block_w == 2:
-        _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, 2)
+        _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, 2, x, out)
     elif block_w == 4:
-        _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, 4)
+        _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, 4, x, out)
     else:
-        _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w)
+        _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, out)
 
 
 @_jit
@@ -509,9 +519,12 @@ def _keep_in_dropped(x, l2, block_h, block_w, keys, threshold, last_tied, zeros,
 
 
 @_jit
-def _write_chunks(block_h, block_w, keys, threshold, last_tied, mask, chunk_rows, ctrl):
+def _write_chunks(
+    block_h, block_w, keys, threshold, last_tied, mask, chunk_rows, ctrl, x, out, in_place
+):
     """Claim chunks of ``chunk_rows`` block rows (``ctrl[_WRITE_NEXT]``) until none is left and
-    write their mask: a block is dropped when its key is below ``threshold``, or equal to it at a
+    write their mask (and ``x * mask`` into ``out`` unless it is None; into ``x`` itself when
+    ``in_place``): a block is dropped when its key is below ``threshold``, or equal to it at a
     flat index up to ``last_tied``. ``ctrl[_WRITE_DONE]`` counts the chunks done."""
     rows = keys.shape[0]
     chunks = -(-rows // chunk_rows)
@@ -521,14 +534,27 @@ def _write_chunks(block_h, block_w, keys, threshold, last_tied, mask, chunk_rows
             return
         top_row = chunk * chunk_rows
         stop_row = min(top_row + chunk_rows, rows)
-        _write_rows_any(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w)
+        if out is None:
+            _write_rows_any(
+                keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, None
+            )
+        elif in_place:  # x twice: the compiler sees one array (as two, it assumes they may
+            _write_rows_any(  # overlap in part, and the loop loses its vector code)
+                keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, x
+            )
+        else:
+            _write_rows_any(
+                keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, out
+            )
         atomic_add(ctrl, _WRITE_DONE, 1)
 
 
 @_jit
-def _masks(x, l2, block_h, block_w, k, zeros, mask, buffers, ctrl, job):
+def _masks(x, l2, block_h, block_w, k, zeros, mask, buffers, ctrl, job, out, in_place):
     """The mask of every matrix of a (B, H, W) batch, in turn, with a thread's
-    :class:`_Buffers` for the matrix shape. With ``job`` >= 0 (one matrix) the lane's helper
+    :class:`_Buffers` for the matrix shape, and ``x * mask`` in ``out`` unless it is None (only
+    with whole blocks dropped: the entries kept in a dropped block are chosen from ``x`` after
+    the write; ``in_place``: ``out`` is ``x``). With ``job`` >= 0 (one matrix) the lane's helper
     may join the passes over the data (see :func:`_assist`); the job is closed before this
     returns, after the helper, if it joined, has left."""
     keys, chunk_rows = buffers.keys, buffers.chunk_rows
@@ -547,7 +573,20 @@ def _masks(x, l2, block_h, block_w, k, zeros, mask, buffers, ctrl, job):
         buffers.shared[0] = threshold
         buffers.shared[1] = last_tied
         atomic_store(ctrl, _READY, 1)
-        _write_chunks(block_h, block_w, keys, threshold, last_tied, mask[b], chunk_rows, ctrl)
+        product = None if out is None else out[b]
+        _write_chunks(
+            block_h,
+            block_w,
+            keys,
+            threshold,
+            last_tied,
+            mask[b],
+            chunk_rows,
+            ctrl,
+            x[b],
+            product,
+            in_place,
+        )
         _wait(ctrl, _WRITE_DONE, chunks)
         if zeros < block_h * block_w:
             _keep_in_dropped(x[b], l2, block_h, block_w, keys, threshold, last_tied, zeros, mask[b])
@@ -565,7 +604,7 @@ def _close(ctrl, job):
 
 
 @_jit
-def _assist(x, l2, block_h, block_w, mask, buffers, ctrl, job):
+def _assist(x, l2, block_h, block_w, mask, buffers, out, in_place, ctrl, job):
     """The helper's side of a one-matrix :func:`_masks` job: chunks of both passes over the
     data while the job is open (nothing once it is closed)."""
     if not atomic_cas(ctrl, STATE, job * 4 + OPEN, job * 4 + JOINED):
@@ -576,7 +615,19 @@ def _assist(x, l2, block_h, block_w, mask, buffers, ctrl, job):
     keys = buffers.keys
     threshold = keys.dtype.type(buffers.shared[0])
     last_tied = buffers.shared[1]
-    _write_chunks(block_h, block_w, keys, threshold, last_tied, mask, buffers.chunk_rows, ctrl)
+    _write_chunks(
+        block_h,
+        block_w,
+        keys,
+        threshold,
+        last_tied,
+        mask,
+        buffers.chunk_rows,
+        ctrl,
+        x,
+        out,
+        in_place,
+    )
     atomic_store(ctrl, LEFT, job)
 
 
@@ -666,19 +717,36 @@ def write_mask(
     block: tuple[int, int],
     zeros: int,
     norm: str,
-) -> None:
+    out: torch.Tensor | None = None,
+) -> bool:
     """Write the mask of (B, H, W) ``matrices`` into ``mask`` (same shape, contiguous; see
     :func:`supports`): in each matrix the ``k`` (>= 1) blocks of lowest mean norm are dropped,
     ``zeros`` entries of each (all when ``zeros`` covers the block). One large matrix is done
     on two cores when torch may use two threads (see :mod:`._lane`).
 
+    With ``out`` (the shape of ``matrices``), ``matrices * mask`` is written there in the same
+    pass as the mask, when it can be (True; False: nothing was written to ``out``): whole
+    blocks dropped, float32 or float64 data, ``out`` contiguous in the data's dtype. ``out``
+    may be ``matrices`` itself (masked in place) or must not overlap it.
+
     float16, bfloat16 and integer data are ranked in float32, as the tensor-op path ranks
     them. A mask of another dtype than the (ranked) data's, other than a one-byte one, is
     written through a byte buffer."""
     matrices = matrices.detach()
+    fused = (
+        out is not None
+        and zeros >= block[0] * block[1]
+        and matrices.dtype in _KEY_TYPES
+        and out.dtype == matrices.dtype
+        and out.shape == matrices.shape
+        and out.is_cpu
+        and out.is_contiguous()
+    )
     if matrices.dtype not in _KEY_TYPES:
         matrices = matrices.float()
     x = matrices.contiguous().numpy()
+    in_place = fused and out.data_ptr() == matrices.data_ptr()
+    product = x if in_place else out.detach().numpy() if fused else None
     count, height, width = x.shape
     if mask.dtype == matrices.dtype or mask.dtype in _BYTE_MASKS:
         target = mask if mask.dtype == matrices.dtype else mask.view(torch.uint8)
@@ -690,11 +758,27 @@ def write_mask(
     two_cores = count == 1 and height * width >= _LANE_MIN_ENTRIES
     with _lane.borrowed() if two_cores else _NO_LANE as lane:
         if lane is None:
-            _masks(x, l2, *block, k, zeros, target_array, buffers, _alone_ctrl(), -1)
+            ctrl = _alone_ctrl()
+            _masks(x, l2, *block, k, zeros, target_array, buffers, ctrl, -1, product, in_place)
         else:
-            job = lane.post(_assist, x[0], l2, *block, target_array[0], buffers)
+            helper_out = None if product is None else product[0]
+            job = lane.post(
+                _assist, x[0], l2, *block, target_array[0], buffers, helper_out, in_place
+            )
             try:
-                _masks(x, l2, *block, k, zeros, target_array, buffers, lane.ctrl, job)
+                _masks(
+                    x,
+                    l2,
+                    *block,
+                    k,
+                    zeros,
+                    target_array,
+                    buffers,
+                    lane.ctrl,
+                    job,
+                    product,
+                    in_place,
+                )
             except BaseException:  # never leave the helper waiting on a job that stopped
                 lane.ctrl[[_KEYS_NEXT, _WRITE_NEXT]] = 1 << 40  # no chunk left to claim
                 lane.ctrl[_READY] = 1
@@ -702,3 +786,4 @@ def write_mask(
                 raise
     if target.data_ptr() != mask.data_ptr():
         mask.copy_(target)
+    return fused

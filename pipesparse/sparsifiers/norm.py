@@ -312,15 +312,47 @@ class DataNormSparsifier(BaseDataSparsifier):
         zeros_per_block: int | None = None,
         **kwargs: Any,
     ) -> None:
+        self._update(name, data, None, sparsity_level, sparse_block_shape, zeros_per_block)
+
+    def _update_mask_and_masked(
+        self, name: str, data: torch.Tensor, out: torch.Tensor, **config: Any
+    ) -> bool:
+        """The CPU kernel writes ``data * mask`` in its mask-writing pass (one pass over the
+        data saved). A subclass with a rule of its own gets the base's two steps."""
+        if type(self).update_mask is not DataNormSparsifier.update_mask:
+            return super()._update_mask_and_masked(name, data, out, **config)
+        return self._update(
+            name,
+            data,
+            out,
+            config["sparsity_level"],
+            config["sparse_block_shape"],
+            config.get("zeros_per_block"),
+        )
+
+    def _update(
+        self,
+        name: str,
+        data: torch.Tensor,
+        out: torch.Tensor | None,
+        sparsity_level: float,
+        sparse_block_shape: tuple[int, int],
+        zeros_per_block: int | None,
+    ) -> bool:
+        """Write the mask of ``name``; True when ``data * mask`` went into ``out`` as well."""
         mask = self.get_mask(name)
         block = tuple(sparse_block_shape)
         k, zeros = _blocks_to_drop(data, sparsity_level, block, zeros_per_block)
         if k == 0:
             mask.fill_(1)
-        elif _norm_kernel.supports(data, mask, block, zeros):
-            _norm_kernel.write_mask(_as_matrices(data), mask, k, block, zeros, self.norm)
-        else:
-            self._write_with_tensor_ops(mask, data, k, block, zeros)
+            return False
+        if _norm_kernel.supports(data, mask, block, zeros):
+            # a contiguous out reshapes to a view: what the kernel writes lands in out
+            product = _as_matrices(out) if out is not None and out.is_contiguous() else None
+            matrices = _as_matrices(data)
+            return _norm_kernel.write_mask(matrices, mask, k, block, zeros, self.norm, product)
+        self._write_with_tensor_ops(mask, data, k, block, zeros)
+        return False
 
     def _write_with_tensor_ops(
         self, mask: torch.Tensor, data: torch.Tensor, k: int, block: tuple[int, int], zeros: int

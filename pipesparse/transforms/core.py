@@ -71,6 +71,12 @@ def _resolve_device(device: Any) -> torch.device | None:
     return resolved
 
 
+def _plain_float(tensor: torch.Tensor) -> bool:
+    """A float tensor without autograd: masking it keeps its dtype and needs no graph, so the
+    sparsifier's step can write the masked batch (as :func:`~pipesparse.base.apply_mask`)."""
+    return tensor.is_floating_point() and not tensor.requires_grad
+
+
 def _in_dataloader_worker() -> bool:
     return get_worker_info() is not None
 
@@ -158,12 +164,13 @@ class SparsifyTransform:
             return batch
         names = self._mask_names([path for path, _ in entries])
         tensors = [self._to_tensor(entry) for _, entry in entries]
-        if self._must_fit(names):
-            self._fit(names, tensors)
         if in_place and len(tensors) > 1:  # entries sharing memory would be masked twice
             in_place = len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+        products = self._fit(names, tensors, in_place) if self._must_fit(names) else {}
         masked = {
-            path: self._from_tensor(self._apply(n, t, in_place), entry)
+            path: self._from_tensor(
+                products[n] if n in products else self._apply(n, t, in_place), entry
+            )
             for n, t, (path, entry) in zip(names, tensors, entries, strict=True)
         }
         self._batches_seen += 1
@@ -214,9 +221,15 @@ class SparsifyTransform:
             return True
         return self.update != "frozen" and self._batches_seen % self.update == 0
 
-    def _fit(self, names: list[str], tensors: list[torch.Tensor]) -> None:
+    def _fit(
+        self, names: list[str], tensors: list[torch.Tensor], in_place: bool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Register the batch and step. With ``in_place`` (not None: the batch is masked next)
+        and masks over the batch, the step also writes the masked batch (a rule may do it in
+        the pass that writes the mask): returned by name, for the entries it covers."""
         sparsifier = self.sparsifier
         private = self.persistent or self._mask_pid == os.getpid()
+        products = {}
         for name, tensor in zip(names, tensors, strict=True):
             data = self._summary(name, tensor) if self.mask_over == "features" else tensor
             reuse = (
@@ -226,11 +239,14 @@ class SparsifyTransform:
             )
             if not (reuse and self._repoint(name, data)):
                 sparsifier.add_data(name, self._slot(name, data), reuse_mask=reuse)
-        sparsifier.step()
+            if in_place is not None and data is tensor and _plain_float(tensor):
+                products[name] = tensor if in_place else torch.empty_like(tensor)
+        sparsifier.step(masked_out=products or None)
         if self.persistent:
             self.share_memory()
         else:  # every_batch masks are private to a process: workers must not write into
             self._mask_pid = os.getpid()  # the (shared) storage of the parent's masks
+        return products
 
     def _slot(self, name: str, data: torch.Tensor) -> torch.Tensor:
         """A tensor of this transform's own that views ``data``: what gets registered."""

@@ -143,7 +143,7 @@ def test_a_helper_that_comes_after_the_job_closed_changes_nothing():
     mask = torch.full(LARGE, 7.0)
     ctrl = np.zeros(8, dtype=np.int64)
     ctrl[_lane.STATE] = 5 * 4 + _lane.CLOSED
-    _norm_kernel._assist(x.numpy(), False, *BLOCK, mask.numpy(), buffers, ctrl, 5)
+    _norm_kernel._assist(x.numpy(), False, *BLOCK, mask.numpy(), buffers, None, False, ctrl, 5)
     assert torch.equal(mask, torch.full(LARGE, 7.0))
     assert ctrl.tolist() == [5 * 4 + _lane.CLOSED] + [0] * 7
 

@@ -123,6 +123,39 @@ def test_kernel_masks_equal_the_tensor_op_path(case):
     assert torch.equal(mask.bool(), norm_keep_mask(x, level, block, zeros, rule))
 
 
+@settings(max_examples=150)
+@given(cases(), st.booleans())
+def test_masked_data_written_with_the_mask_is_data_times_mask_bit_for_bit(case, in_place):
+    x, level, block, zeros, rule = case
+    data = x.clone()
+    sparsifier = DataNormSparsifier(
+        sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=rule
+    )
+    sparsifier.add_data("x", data)
+    out = data if in_place else torch.empty_like(x)
+    sparsifier.step(masked_out={"x": out})
+    expected = x * sparsifier.get_mask("x")
+    assert torch.equal(out.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_writes_the_product_itself_for_whole_blocks_of_float_data(dtype, threads):
+    x = torch.randn(256, 1024, dtype=dtype)
+    mask, out = torch.empty_like(x), torch.empty_like(x)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert _norm_kernel.write_mask(x[None], mask, 32768, (1, 4), 4, "L1", out[None])
+        assert torch.equal(out, x * mask)
+        assert _norm_kernel.write_mask(x[None], mask, 32768, (1, 4), 4, "L1", x[None])
+        assert torch.equal(x, out)
+        assert not _norm_kernel.write_mask(x[None], mask, 32768, (1, 4), 2, "L1", out[None])
+        assert not _norm_kernel.write_mask(x[None], mask, 32768, (1, 4), 4, "L1", out[None].half())
+    finally:
+        torch.set_num_threads(previous)
+
+
 # ------------------------------------------------------ 2. large matrices against torch.ao
 
 

@@ -3,6 +3,7 @@ and masks changed by the main process reaching workers that are already running.
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
@@ -233,6 +234,37 @@ def test_apply_in_place_writes_into_the_batch_and_falls_back_where_it_cannot():
     want = two({"a": shared, "b": shared})
     assert torch.equal(aliased, shared)  # not written: both entries view its memory
     assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"], want["b"])
+
+
+def test_every_batch_masks_written_by_the_step_match_batch_times_mask_in_and_out_of_place():
+    """Every batch over the batch: the step writes the masked batch with the mask (the CPU
+    kernel in the same pass); the result is ``batch * mask`` either way, and the batch given
+    to ``transform(...)`` is never written."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 256, generator=gen)
+    x[0, :3] = torch.tensor([math.nan, -0.0, -1e-3])
+    grad = torch.randn(4, 8, generator=gen, requires_grad=True)
+    ints = torch.arange(32).reshape(4, 8)
+    tf = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), keys=["x", "g", "n"])
+    batch = {"x": x.clone(), "g": grad, "n": ints.clone()}
+    out = tf(batch)
+    masks = {key: tf.sparsifier.get_mask(f"batch_{key}").clone() for key in ("x", "g", "n")}
+    assert torch.equal(batch["x"].view(torch.int32), x.view(torch.int32))  # not written
+    for key, value in (("x", x), ("g", grad), ("n", ints)):
+        want = (value * masks[key]).to(value.dtype)
+        assert torch.equal(
+            out[key].detach().view(-1).view(torch.uint8), want.detach().view(-1).view(torch.uint8)
+        )
+    assert out["g"].requires_grad and out["g"].grad_fn is not None
+    assert (out["x"] == 0).any() and (out["n"] == 0).any()
+
+    batch = {"x": x.clone(), "g": grad, "n": ints.clone()}
+    got = tf.apply_in_place(batch)
+    assert got["x"] is batch["x"] and torch.equal(
+        got["x"].view(torch.int32), out["x"].view(torch.int32)
+    )
+    assert got["g"] is not grad and torch.equal(got["g"], out["g"]) and got["g"].requires_grad
+    assert torch.equal(got["n"], out["n"])
 
 
 def test_a_collate_fn_returning_views_of_the_dataset_leaves_the_dataset_unchanged():
