@@ -3,7 +3,6 @@
     python benchmarks/stream.py            # the README table (about a minute on 2 cores)
     python benchmarks/stream.py --quick    # fewer repeats, no 10,000-batch memory run
     python benchmarks/stream.py --profile  # where an every-batch step spends its time, by phase
-    python benchmarks/stream.py --lane     # the kernel alone vs with its helper thread, by size
 
 Each case consumes its own iterator over one pool of distinct float32 batches (more bytes than
 the last-level cache holds, so every batch comes from memory, as in a real stream). The bound
@@ -84,7 +83,9 @@ def same_masks_as_reference(pool: list[torch.Tensor]) -> bool:
 def measure_shape(shape: tuple[int, int], repeats: int) -> tuple[list[list[object]], bool]:
     pool = batch_pool(shape)
     elements = shape[0] * shape[1]
-    fast = max(2, 2**22 // elements)  # batches per timed run of a fast case
+    # batches per timed run, the same for the bound and both modes: a run's first batch finds
+    # the caches cold (the other cases ran in between), and its cost is shared by the run
+    fast = max(8, 2**24 // elements)
     slow = max(1, 2**18 // elements)
 
     every = SparsifyTransform(DataNormSparsifier(**CONFIG))
@@ -97,9 +98,9 @@ def measure_shape(shape: tuple[int, int], repeats: int) -> tuple[list[list[objec
     ref_frozen_sparsifier.step()
 
     cases = {
-        "bound": runner(lambda b: b * ready_mask, pool, fast * 4),
+        "bound": runner(lambda b: b * ready_mask, pool, fast),
         "every": runner(every, pool, fast),
-        "frozen": runner(frozen, pool, fast * 4),
+        "frozen": runner(frozen, pool, fast),
         "ref_every": runner(ref_every, pool, slow),
         "ref_frozen": runner(ref_frozen, pool, slow),
     }
@@ -141,47 +142,49 @@ def memory_growth(batches: int) -> tuple[float, float]:
 
 def profile_every_batch(shape: tuple[int, int]) -> str:
     """Where an every-batch step's time goes (median microseconds per batch over the batch
-    stream, each part on a batch from memory): a whole transform call, its mask (the CPU
-    kernel, as the transform calls it) and its masked multiply (which is the bound), then the
-    kernel's three phases one by one in one thread, and the same multiply on one thread (the
-    kernel runs on one). Share = of a whole transform call."""
+    stream, each part on a batch from memory): a whole transform call, the CPU kernel as the
+    transform calls it (mask and masked batch in its two passes), the kernel writing the mask
+    only, and the bound; then the kernel's phases one by one on a batch in cache, and the
+    bound's multiply on one thread (the kernel runs on one). Share = of a whole transform call."""
     from pipesparse.sparsifiers import _norm_kernel as kernel
 
     pool = batch_pool(shape)
     transform = SparsifyTransform(DataNormSparsifier(**CONFIG))
-    mask = torch.ones(shape)
+    mask, out = torch.ones(shape), torch.empty(shape)
     k = round(CONFIG["sparsity_level"] * shape[0] * shape[1] // 4)
     buf = kernel._buffers(*shape, torch.float32, (1, 4))
+    sums = np.empty(buf.keys.shape[1], dtype=np.float32)  # one row of block sums
     found = {}
 
-    ctrl = np.zeros(8, dtype=np.int64)  # the kernel's chunk counters, one thread
-    sums = np.empty(buf.keys.shape[1], dtype=np.float32)  # one thread's row of block sums
-
     def keys_pass(batch):
-        ctrl[:] = 0
-        kernel._key_chunks(batch.numpy(), False, 1, 4, buf, ctrl, sums)
-        chunks = buf.tally.shape[0]
-        found["tally"] = kernel._merge(
-            buf.tally, chunks, buf.chunk_rows, buf.keys.shape[1], buf.cand_keys, buf.cand_index
-        )
+        found["keys"] = kernel._keys_pass(batch.numpy(), False, 1, 4, buf, sums)
 
     def selection(batch):
-        found["threshold"] = kernel._threshold(buf, k, *found["tally"])
+        found["threshold"] = kernel._threshold(buf, k, *found["keys"])
 
-    def mask_write(batch):
-        kernel._write_chunks(
-            1, 4, buf.keys, *found["threshold"], mask.numpy(), buf.chunk_rows, ctrl
-        )
+    def write_pass(product):
+        def run(batch):
+            x = batch.numpy()
+            target = out.numpy() if product else None
+            kernel._write_pass(1, 4, buf.keys, *found["threshold"], mask.numpy(), x, target, False)
+
+        return run
+
+    def kernel_call(product):
+        def run(batch):
+            kernel.write_mask(batch[None], mask, k, (1, 4), 4, "L1", out[None] if product else None)
+
+        return run
 
     phases = {
         "whole transform call": transform,
-        "mask (compiled kernel, as the transform runs it)": lambda batch: kernel.write_mask(
-            batch[None], mask, k, (1, 4), 4, "L1"
-        ),
+        "kernel as the transform runs it (mask and masked batch)": kernel_call(True),
+        "kernel writing the mask only": kernel_call(False),
         "masked view (batch * mask: the bound)": lambda batch: batch * mask,
-        "kernel phase, one thread: keys pass (means, keys, bracket)": keys_pass,
-        "kernel phase, one thread: exact k-th key (radix)": selection,
-        "kernel phase, one thread: mask write": mask_write,
+        "kernel phase, in cache: keys pass (means, keys, bracket)": keys_pass,
+        "kernel phase, in cache: exact k-th key": selection,
+        "kernel phase, in cache: write pass (mask and masked batch)": write_pass(True),
+        "kernel phase, in cache: write pass (mask only)": write_pass(False),
     }
     times: dict[str, list[float]] = {name: [] for name in phases}
     for batch in pool[:4]:
@@ -194,7 +197,7 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
             step(batch if name.startswith("kernel phase") else other)
             times[name].append(time.perf_counter() - start)
     us = {name: statistics.median(values) * 1e6 for name, values in times.items()}
-    # the kernel has one core; the bound has two. One core's multiply shows what one lane streams
+    # the kernel runs on one core; the bound on two. One core's multiply: what one core streams
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     one_core = []
@@ -210,47 +213,6 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
     return table(title, ["phase", "us/batch", "share"], rows_out)
 
 
-LANE_SHAPES = ((128, 1024), (256, 1024), (256, 2048), (512, 2048), (1024, 4096))
-
-
-def lane_ab(pairs_bytes: int = 2**27) -> str:
-    """Every-batch transforms with and without the kernel's helper thread (forced on and off
-    for every size), batch by batch in turn on one batch stream: where a second core pays."""
-    from pipesparse.sparsifiers import _norm_kernel as kernel
-
-    limit = kernel._LANE_MIN_ENTRIES
-    rows = []
-    for shape in LANE_SHAPES:
-        pool = batch_pool(shape)
-        transforms = {
-            "alone": SparsifyTransform(DataNormSparsifier(**CONFIG)),
-            "with the helper": SparsifyTransform(DataNormSparsifier(**CONFIG)),
-        }
-        minimum = {"alone": 1 << 62, "with the helper": 0}
-        times: dict[str, list[float]] = {name: [] for name in transforms}
-        batches = max(30, pairs_bytes // (shape[0] * shape[1] * 4))
-        try:
-            for i in range(batches + 2):  # two warm-up rounds
-                for name in transforms if i % 2 else reversed(transforms):
-                    kernel._LANE_MIN_ENTRIES = minimum[name]
-                    batch = pool[(2 * i + (name == "alone")) % len(pool)]
-                    start = time.perf_counter()
-                    transforms[name](batch)
-                    if i >= 2:
-                        times[name].append(time.perf_counter() - start)
-        finally:
-            kernel._LANE_MIN_ENTRIES = limit
-        alone, helped = (statistics.median(times[name]) * 1e6 for name in transforms)
-        used = "yes" if shape[0] * shape[1] >= limit else "no"
-        rows.append([f"{shape[0]}x{shape[1]}", alone, helped, f"{helped / alone:.2f}x", used])
-    title = (
-        "Every-batch SparsifyTransform (DataNormSparsifier L1, 1x4, 0.5), median us per batch, "
-        "the kernel alone vs with its helper thread, batches in turn. 'used' = whether the "
-        f"library turns the helper on at this size (from {limit:,} entries)."
-    )
-    return table(title, ["shape", "alone", "with the helper", "ratio", "used"], rows)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats, no memory run")
@@ -258,17 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--profile", action="store_true", help="time per phase of an every-batch step, no table"
     )
-    parser.add_argument(
-        "--lane", action="store_true", help="the kernel alone vs with its helper thread, by size"
-    )
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # torch.ao warns on every re-registration
     threads = setup_threads(args.threads)
     if args.profile:
         print("\n\n".join(profile_every_batch(shape) for shape in SHAPES))
-        return
-    if args.lane:
-        print(lane_ab())
         return
     rows, identical = [], []
     for shape in SHAPES:

@@ -19,16 +19,15 @@ A non-negative float's bits sort as integers; NaN takes +inf's key (it ranks as 
 with it, as in the tensor-op path). The loops over a block's entries are compiled unrolled for
 1x2 and 1x4 blocks (other widths take a generic loop).
 
-It runs without the GIL in the calling thread. Both passes are cut into chunks of block rows
-that threads claim with an atomic counter; each chunk's bracketed keys go to a stretch of
-their own and are merged in chunk order, so ties still go to the lower index. On one large
-matrix, when torch may use two threads, the lane's helper thread (:mod:`._lane`) claims
-chunks too; one that wakes late claims fewer, so the caller never waits for it to start.
-"""
+It runs without the GIL, in the calling thread: the keys pass takes the block rows a group
+at a time (keyed, then gathered while their keys are in the core's cache), and the mask pass
+can write the masked data as well (``data * mask``, in place or into another tensor): the
+multiply the caller would make next, without its second read of the data and the mask. A
+helper thread that joined both passes on a second core made streams with gaps between batches
+slower, not faster: it had to take the GIL to start, just when the caller wanted it back."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from typing import Any, NamedTuple
@@ -37,10 +36,7 @@ import numba
 import numpy as np
 import torch
 
-from pipesparse.sparsifiers import _lane
-from pipesparse.sparsifiers._atomics import atomic_add, atomic_cas, atomic_load, atomic_store
 from pipesparse.sparsifiers._bits import float_bits, trailing_zeros
-from pipesparse.sparsifiers._lane import CLOSED, JOINED, LEFT, OPEN, STATE
 from pipesparse.sparsifiers._scratch import scratch
 
 __all__ = ["supports", "write_mask"]
@@ -53,16 +49,9 @@ _KEY_TYPES = {torch.float32: (torch.int32, 31, 23), torch.float64: (torch.int64,
 _BYTE_MASKS = (torch.bool, torch.uint8, torch.int8)
 _CACHE = threading.local()
 _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
-_NO_LANE = contextlib.nullcontext()  # reusable: a kernel run without the lane
 _SORTED_MAX = 512  # up to this many keys, one in-place selection finds the k-th (no digits)
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
-_CHUNK_ENTRIES = 16384  # a chunk of block rows that threads claim holds about this many entries
-# smaller matrices run alone: the helper wakes ~100 us late here, and torch's OpenMP threads,
-# still spinning after the transform's multiply, compete with it for the second core. With a
-# torch multiply between batches, the helper made 256x1024 10-12% faster, 128x1024 6-7% slower
-_LANE_MIN_ENTRIES = 1 << 18
-# the kernel's counters in the lane's ctrl words, after STATE and LEFT
-_KEYS_NEXT, _KEYS_DONE, _READY, _WRITE_NEXT, _WRITE_DONE = 2, 3, 4, 5, 6
+_GROUP_ENTRIES = 16384  # the keys pass keys about this many entries, then gathers them
 # bracket around the last threshold, in key units (ulps): from about +-1% of the value, halved
 # while it gathers more than 2% of the keys, widened 4x when it misses
 _BRACKET_START_BITS = 7  # half the width = 2 ** (mantissa bits - this)
@@ -185,7 +174,7 @@ def _edge_key(row, l2, left, key_row, lo, magnitude, inf):
 @_inline
 def _keys_of_rows_any(x, l2, block_w, keys, top_row, stop_row, lo, magnitude, inf):
     """:func:`_keys_of_rows` with the width a compile-time constant for 1x2 and 1x4 blocks,
-    chosen once per chunk of rows (chosen per row, the choice slows the pass down)."""
+    chosen once per group of rows (chosen per row, the choice slows the pass down)."""
     if l2:
         if block_w == 2:
             return _keys_of_rows(x, True, 2, keys, top_row, stop_row, lo, magnitude, inf)
@@ -228,11 +217,10 @@ def _gather(key_row, lo, hi, start, cand_keys, cand_index, found):
 
 
 @_inline
-def _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums):
+def _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums, found):
     """Sort keys of the block means of block rows ``top_row:stop_row`` of one (H, W) matrix:
-    the one pass over their data. Returns (keys below the bracket, keys in it), the latter
-    gathered in index order into ``buffers.cand_keys``/``cand_index`` from the rows' first
-    flat index on (a stretch no other rows write)."""
+    the one pass over their data. Returns (keys below the bracket, keys gathered so far): those
+    in it are appended in index order to ``buffers.cand_keys``/``cand_index`` from ``found``."""
     keys, magnitude, inf = buffers.keys, buffers.magnitude, buffers.inf
     lo, hi = buffers.bracket[0], buffers.bracket[1]
     height, width = x.shape
@@ -254,54 +242,23 @@ def _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums):
             below += _keys_of_sums(sums, keys[r], 0, full, count, lo, magnitude, inf)
             count = (bottom - top) * (width - full * block_w)  # the partial block at the edge
             below += _keys_of_sums(sums, keys[r], full, cols, count, lo, magnitude, inf)
-    start = top_row * cols
-    found = start
-    for r in range(top_row, stop_row):  # the chunk's keys are still in this core's cache
+    for r in range(top_row, stop_row):  # the group's keys are still in this core's cache
         found = _gather(keys[r], lo, hi, r * cols, buffers.cand_keys, buffers.cand_index, found)
-    return below, found - start
-
-
-@_jit
-def _key_chunks(x, l2, block_h, block_w, buffers, ctrl, sums):
-    """Claim chunks of ``buffers.chunk_rows`` block rows (``ctrl[_KEYS_NEXT]``) until none is
-    left and run the keys pass on each: ``buffers.tally[chunk]`` = (keys below the bracket,
-    keys gathered), and ``ctrl[_KEYS_DONE]`` counts the chunks done. Any number of threads may
-    run it at once, each with ``sums`` of its own (one row of blocks, the data's dtype)."""
-    rows, chunk_rows = buffers.keys.shape[0], buffers.chunk_rows
-    chunks = -(-rows // chunk_rows)
-    while True:
-        chunk = atomic_add(ctrl, _KEYS_NEXT, 1)
-        if chunk >= chunks:
-            return
-        top_row = chunk * chunk_rows
-        stop_row = min(top_row + chunk_rows, rows)
-        below, found = _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums)
-        buffers.tally[chunk, 0] = below
-        buffers.tally[chunk, 1] = found
-        atomic_add(ctrl, _KEYS_DONE, 1)
-
-
-@_jit
-def _merge(tally, chunks, chunk_rows, cols, cand_keys, cand_index):
-    """(keys below the bracket, keys in it): each chunk's gathered keys moved down to follow
-    the previous chunk's, so all of them are in index order."""
-    below = 0
-    found = 0
-    for chunk in range(chunks):
-        below += tally[chunk, 0]
-        start = chunk * chunk_rows * cols
-        for i in range(start, start + tally[chunk, 1]):
-            cand_keys[found] = cand_keys[i]
-            cand_index[found] = cand_index[i]
-            found += 1
     return below, found
 
 
 @_jit
-def _wait(ctrl, index, value):
-    """Spin until ``ctrl[index]`` holds ``value`` (the other thread is at most a chunk away)."""
-    while atomic_load(ctrl, index) != value:
-        pass
+def _keys_pass(x, l2, block_h, block_w, buffers, sums):
+    """The keys of every block of one (H, W) matrix, ``buffers.group_rows`` block rows at a
+    time: (keys below the bracket, keys gathered from it)."""
+    rows, group = buffers.keys.shape[0], buffers.group_rows
+    below = 0
+    found = 0
+    for top_row in range(0, rows, group):
+        stop_row = min(top_row + group, rows)
+        more, found = _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums, found)
+        below += more
+    return below, found
 
 
 @_jit
@@ -437,16 +394,23 @@ def _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, bl
         first = r * cols
         for i in range(r * block_h, min(r * block_h + block_h, height)):
             mask_row = mask[i]
-            for c in range(full):
-                key = key_row[c]
-                kept = (key > threshold) | ((key == threshold) & (first + c > last_tied))
-                base = c * block_w
-                for j in range(block_w):
-                    mask_row[base + j] = kept
-                if out is not None:
-                    factor = x.dtype.type(kept)  # x * 0.0 as torch multiplies: -0.0, NaN stay
+            if out is None:
+                for c in range(full):
+                    key = key_row[c]
+                    kept = (key > threshold) | ((key == threshold) & (first + c > last_tied))
+                    base = c * block_w
                     for j in range(block_w):
-                        out[i, base + j] = x[i, base + j] * factor
+                        mask_row[base + j] = kept
+            else:
+                x_row, out_row = x[i], out[i]
+                for c in range(full):
+                    key = key_row[c]
+                    kept = (key > threshold) | ((key == threshold) & (first + c > last_tied))
+                    factor = x.dtype.type(kept)  # x * 0.0 as torch multiplies: -0.0, NaN stay
+                    base = c * block_w
+                    for j in range(block_w):
+                        mask_row[base + j] = kept
+                        out_row[base + j] = x_row[base + j] * factor
             if full < cols:
                 _write_edge(key_row, first, threshold, last_tied, mask_row, full * block_w)
                 if out is not None:
@@ -467,7 +431,7 @@ def _write_edge(key_row, first, threshold, last_tied, mask_row, left):
 @_inline
 def _write_rows_any(keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, out):
     """:func:`_write_rows` with the width a compile-time constant for 1x2 and 1x4 blocks,
-    chosen once per chunk (chosen per row, the choice costs a quarter of the pass)."""
+    chosen once per matrix (chosen per row, the choice costs a quarter of the pass)."""
     if block_w == 2:
         _write_rows(keys, top_row, stop_row, threshold, last_tied, mask, block_h, 2, x, out)
     elif block_w == 4:
@@ -519,116 +483,36 @@ def _keep_in_dropped(x, l2, block_h, block_w, keys, threshold, last_tied, zeros,
 
 
 @_jit
-def _write_chunks(
-    block_h, block_w, keys, threshold, last_tied, mask, chunk_rows, ctrl, x, out, in_place
-):
-    """Claim chunks of ``chunk_rows`` block rows (``ctrl[_WRITE_NEXT]``) until none is left and
-    write their mask (and ``x * mask`` into ``out`` unless it is None; into ``x`` itself when
-    ``in_place``): a block is dropped when its key is below ``threshold``, or equal to it at a
-    flat index up to ``last_tied``. ``ctrl[_WRITE_DONE]`` counts the chunks done."""
+def _write_pass(block_h, block_w, keys, threshold, last_tied, mask, x, out, in_place):
+    """The mask of one matrix (and ``x * mask`` into ``out`` unless it is None; into ``x``
+    itself when ``in_place``): a block is dropped when its key is below ``threshold``, or equal
+    to it at a flat index up to ``last_tied``."""
     rows = keys.shape[0]
-    chunks = -(-rows // chunk_rows)
-    while True:
-        chunk = atomic_add(ctrl, _WRITE_NEXT, 1)
-        if chunk >= chunks:
-            return
-        top_row = chunk * chunk_rows
-        stop_row = min(top_row + chunk_rows, rows)
-        if out is None:
-            _write_rows_any(
-                keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, None
-            )
-        elif in_place:  # x twice: the compiler sees one array (as two, it assumes they may
-            _write_rows_any(  # overlap in part, and the loop loses its vector code)
-                keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, x
-            )
-        else:
-            _write_rows_any(
-                keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, out
-            )
-        atomic_add(ctrl, _WRITE_DONE, 1)
+    if out is None:
+        _write_rows_any(keys, 0, rows, threshold, last_tied, mask, block_h, block_w, x, None)
+    elif in_place:  # x twice: the compiler sees one array (as two, it assumes they may
+        _write_rows_any(  # overlap in part, and the loop loses its vector code)
+            keys, 0, rows, threshold, last_tied, mask, block_h, block_w, x, x
+        )
+    else:
+        _write_rows_any(keys, 0, rows, threshold, last_tied, mask, block_h, block_w, x, out)
 
 
 @_jit
-def _masks(x, l2, block_h, block_w, k, zeros, mask, buffers, ctrl, job, out, in_place):
+def _masks(x, l2, block_h, block_w, k, zeros, mask, buffers, out, in_place):
     """The mask of every matrix of a (B, H, W) batch, in turn, with a thread's
     :class:`_Buffers` for the matrix shape, and ``x * mask`` in ``out`` unless it is None (only
     with whole blocks dropped: the entries kept in a dropped block are chosen from ``x`` after
-    the write; ``in_place``: ``out`` is ``x``). With ``job`` >= 0 (one matrix) the lane's helper
-    may join the passes over the data (see :func:`_assist`); the job is closed before this
-    returns, after the helper, if it joined, has left."""
-    keys, chunk_rows = buffers.keys, buffers.chunk_rows
-    rows, cols = keys.shape
-    chunks = -(-rows // chunk_rows)
-    sums = np.empty(cols, x.dtype)
+    the write; ``in_place``: ``out`` is ``x``)."""
+    keys = buffers.keys
+    sums = np.empty(keys.shape[1], x.dtype)
     for b in range(x.shape[0]):
-        if b > 0:
-            ctrl[_KEYS_NEXT : _WRITE_DONE + 1] = 0
-        _key_chunks(x[b], l2, block_h, block_w, buffers, ctrl, sums)
-        _wait(ctrl, _KEYS_DONE, chunks)
-        below, found = _merge(
-            buffers.tally, chunks, chunk_rows, cols, buffers.cand_keys, buffers.cand_index
-        )
+        below, found = _keys_pass(x[b], l2, block_h, block_w, buffers, sums)
         threshold, last_tied = _threshold(buffers, k, below, found)
-        buffers.shared[0] = threshold
-        buffers.shared[1] = last_tied
-        atomic_store(ctrl, _READY, 1)
         product = None if out is None else out[b]
-        _write_chunks(
-            block_h,
-            block_w,
-            keys,
-            threshold,
-            last_tied,
-            mask[b],
-            chunk_rows,
-            ctrl,
-            x[b],
-            product,
-            in_place,
-        )
-        _wait(ctrl, _WRITE_DONE, chunks)
+        _write_pass(block_h, block_w, keys, threshold, last_tied, mask[b], x[b], product, in_place)
         if zeros < block_h * block_w:
             _keep_in_dropped(x[b], l2, block_h, block_w, keys, threshold, last_tied, zeros, mask[b])
-    _close(ctrl, job)
-
-
-@_jit
-def _close(ctrl, job):
-    """End a lane job (``job`` >= 0): a helper can no longer join, and one that did has left.
-    Ending a job twice is harmless."""
-    if job < 0 or atomic_cas(ctrl, STATE, job * 4 + OPEN, job * 4 + CLOSED):
-        return
-    if atomic_load(ctrl, STATE) == job * 4 + JOINED:
-        _wait(ctrl, LEFT, job)  # it may still be writing its last chunk
-
-
-@_jit
-def _assist(x, l2, block_h, block_w, mask, buffers, out, in_place, ctrl, job):
-    """The helper's side of a one-matrix :func:`_masks` job: chunks of both passes over the
-    data while the job is open (nothing once it is closed)."""
-    if not atomic_cas(ctrl, STATE, job * 4 + OPEN, job * 4 + JOINED):
-        return
-    sums = np.empty(buffers.keys.shape[1], x.dtype)
-    _key_chunks(x, l2, block_h, block_w, buffers, ctrl, sums)
-    _wait(ctrl, _READY, 1)
-    keys = buffers.keys
-    threshold = keys.dtype.type(buffers.shared[0])
-    last_tied = buffers.shared[1]
-    _write_chunks(
-        block_h,
-        block_w,
-        keys,
-        threshold,
-        last_tied,
-        mask,
-        buffers.chunk_rows,
-        ctrl,
-        x,
-        out,
-        in_place,
-    )
-    atomic_store(ctrl, LEFT, job)
 
 
 def supports(data: torch.Tensor, mask: torch.Tensor, block: tuple[int, int], zeros: int) -> bool:
@@ -653,13 +537,11 @@ class _Buffers(NamedTuple):
     counts: np.ndarray  # one digit's counts
     packed: np.ndarray  # (key, index) pairs in int64 for a selection among few
     bracket: np.ndarray  # (lo, hi, width); carries over from matrix to matrix
-    tally: np.ndarray  # per chunk of block rows: (keys below the bracket, keys in it)
-    shared: np.ndarray  # (threshold, last tied index), for the lane's helper
     magnitude: Any  # every bit of a key but the sign
     inf: Any  # +inf's key
     key_bits: int
     digit_bits: int
-    chunk_rows: int  # block rows in a chunk that a thread claims
+    group_rows: int  # block rows the keys pass keys, then gathers
 
 
 def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]) -> _Buffers:
@@ -674,7 +556,6 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
     if found is None:
         key_dtype, key_bits, mantissa_bits = _KEY_TYPES[dtype]
         rows, cols = -(-height // block[0]), -(-width // block[1])
-        chunk_rows = max(1, _CHUNK_ENTRIES // (block[0] * width))
         key_type = torch.empty(0, dtype=key_dtype).numpy().dtype
         value_type = torch.empty(0, dtype=dtype).numpy().dtype
         found = _Buffers(
@@ -687,27 +568,16 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
             bracket=np.array(
                 [1, 0, 2 ** (mantissa_bits - _BRACKET_START_BITS + 1)], dtype=key_type
             ),
-            tally=np.empty((-(-rows // chunk_rows), 2), dtype=np.int64),
-            shared=np.empty(2, dtype=np.int64),
             magnitude=key_type.type((1 << key_bits) - 1),
             inf=np.array(math.inf, dtype=value_type).view(key_type)[()],
             key_bits=key_bits,
             digit_bits=_DIGIT_BITS,
-            chunk_rows=chunk_rows,
+            group_rows=max(1, _GROUP_ENTRIES // (block[0] * width)),
         )
         if len(cache) >= _CACHE_MAX:
             cache.clear()
         cache[key] = found
     return found
-
-
-def _alone_ctrl() -> np.ndarray:
-    """This thread's counters for a kernel run without the lane."""
-    ctrl = getattr(_CACHE, "ctrl", None)
-    if ctrl is None:
-        ctrl = _CACHE.ctrl = np.zeros(8, dtype=np.int64)
-    ctrl[:] = 0
-    return ctrl
 
 
 def write_mask(
@@ -721,8 +591,7 @@ def write_mask(
 ) -> bool:
     """Write the mask of (B, H, W) ``matrices`` into ``mask`` (same shape, contiguous; see
     :func:`supports`): in each matrix the ``k`` (>= 1) blocks of lowest mean norm are dropped,
-    ``zeros`` entries of each (all when ``zeros`` covers the block). One large matrix is done
-    on two cores when torch may use two threads (see :mod:`._lane`).
+    ``zeros`` entries of each (all when ``zeros`` covers the block).
 
     With ``out`` (the shape of ``matrices``), ``matrices * mask`` is written there in the same
     pass as the mask, when it can be (True; False: nothing was written to ``out``): whole
@@ -747,7 +616,7 @@ def write_mask(
     x = matrices.contiguous().numpy()
     in_place = fused and out.data_ptr() == matrices.data_ptr()
     product = x if in_place else out.detach().numpy() if fused else None
-    count, height, width = x.shape
+    height, width = x.shape[1:]
     if mask.dtype == matrices.dtype or mask.dtype in _BYTE_MASKS:
         target = mask if mask.dtype == matrices.dtype else mask.view(torch.uint8)
     else:
@@ -755,35 +624,7 @@ def write_mask(
     buffers = _buffers(height, width, matrices.dtype, block)
     target_array = target.detach().view(-1, height, width).numpy()
     l2 = norm == "L2"
-    two_cores = count == 1 and height * width >= _LANE_MIN_ENTRIES
-    with _lane.borrowed() if two_cores else _NO_LANE as lane:
-        if lane is None:
-            ctrl = _alone_ctrl()
-            _masks(x, l2, *block, k, zeros, target_array, buffers, ctrl, -1, product, in_place)
-        else:
-            helper_out = None if product is None else product[0]
-            job = lane.post(
-                _assist, x[0], l2, *block, target_array[0], buffers, helper_out, in_place
-            )
-            try:
-                _masks(
-                    x,
-                    l2,
-                    *block,
-                    k,
-                    zeros,
-                    target_array,
-                    buffers,
-                    lane.ctrl,
-                    job,
-                    product,
-                    in_place,
-                )
-            except BaseException:  # never leave the helper waiting on a job that stopped
-                lane.ctrl[[_KEYS_NEXT, _WRITE_NEXT]] = 1 << 40  # no chunk left to claim
-                lane.ctrl[_READY] = 1
-                _close(lane.ctrl, job)
-                raise
+    _masks(x, l2, *block, k, zeros, target_array, buffers, product, in_place)
     if target.data_ptr() != mask.data_ptr():
         mask.copy_(target)
     return fused
