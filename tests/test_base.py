@@ -346,6 +346,19 @@ def test_a_data_norm_subclass_with_its_own_rule_is_not_bypassed_by_masked_out():
     assert torch.equal(s.get_mask("x"), torch.ones(8, 16)) and torch.equal(out, x)
 
 
+def test_a_float_mask_of_another_dtype_masks_in_the_datas_dtype():
+    """A float64 mask (``fit`` leaves one over features) on float32 data: no promotion, the
+    same values as the float64 product, -0.0 and NaN included."""
+    from pipesparse.base import apply_mask, mask_like
+
+    x = torch.tensor([[1.5, -2.0, math.nan, -math.inf]])
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    got = apply_mask(x, mask)
+    assert got.dtype == torch.float32 and mask_like(x, mask).dtype == torch.float32
+    assert torch.equal(bits(got), bits((x.double() * mask).float()))
+    assert mask_like(x.long(), mask) is mask and mask_like(x, mask.bool()).dtype == torch.bool
+
+
 def test_masked_out_with_mask_updates_disabled_holds_the_data_under_the_current_mask():
     x = torch.tensor([1.0, -2.0, 3.0])
     s = Recording([("x", x)])

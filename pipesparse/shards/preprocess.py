@@ -20,7 +20,7 @@ from typing import Any
 
 from pipesparse.shards.engines import ENGINES, make_engine
 from pipesparse.shards.errors import ShardError, find_shard_error
-from pipesparse.shards.inputs import Shard, discover_shards, file_sha256
+from pipesparse.shards.inputs import Shard, discover_shards, files_sha256
 from pipesparse.shards.job import Job, build_job
 from pipesparse.shards.manifest import Manifest
 from pipesparse.shards.progress import progress_bar
@@ -118,15 +118,12 @@ def preprocess(
     if not shards:
         raise ValueError(f"no input shards outside the output folder {folder}")
     job = build_job(shards, columns, sparsifier, config, state, out_format)
+    digests = files_sha256([s.path for s in shards])
     job_fields = {
         **job.identity(),
         "inputs": {
-            s.name: {
-                "path": s.path,
-                "sha256": file_sha256(s.path),
-                "bytes": os.path.getsize(s.path),
-            }
-            for s in shards
+            s.name: {"path": s.path, "sha256": digest, "bytes": os.path.getsize(s.path)}
+            for s, digest in zip(shards, digests, strict=True)
         },
     }
     with locked(folder):

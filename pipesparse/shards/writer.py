@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipesparse.shards.inputs import file_sha256
+from pipesparse.shards.inputs import handle_sha256
 
 __all__ = [
     "SCRATCH_PREFIX",
@@ -93,15 +94,16 @@ class ShardWriter:
         self.rows += table.num_rows
 
     def commit(self) -> dict[str, int | str]:
-        """Close, publish atomically, and return ``{"rows", "bytes", "sha256"}`` of the shard."""
+        """Close, publish atomically, and return ``{"rows", "bytes", "sha256"}`` of the shard.
+        The bytes are hashed on a second thread while they are flushed to disk (an open file
+        survives the rename)."""
         self._writer.close()
         self._writer = None
-        _publish(self._temp, self.path)
-        return {
-            "rows": self.rows,
-            "bytes": self.path.stat().st_size,
-            "sha256": file_sha256(self.path),
-        }
+        with open(self._temp, "rb") as handle, ThreadPoolExecutor(max_workers=1) as pool:
+            digest = pool.submit(handle_sha256, handle)
+            _publish(self._temp, self.path)
+            sha256 = digest.result()
+        return {"rows": self.rows, "bytes": self.path.stat().st_size, "sha256": sha256}
 
     def abort(self) -> None:
         if self._writer is not None:

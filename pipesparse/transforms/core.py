@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from pipesparse.base import BaseDataSparsifier, apply_mask
+from pipesparse.base import BaseDataSparsifier, apply_mask, mask_like
 from pipesparse.errors import CorruptStateError
 from pipesparse.transforms import _structure
 
@@ -295,8 +295,7 @@ class SparsifyTransform:
                 f"{tuple(mask.shape)}; the batch entry has shape {tuple(tensor.shape)}. Use "
                 "mask_over='features' for a mask that broadcasts over any batch size"
             )
-        if mask.device != tensor.device:
-            mask = mask.to(tensor.device)
+        mask = mask_like(tensor, mask.to(tensor.device))
         if (
             in_place
             and not tensor.requires_grad

@@ -71,3 +71,18 @@ def test_arrow_ipc_file_format_is_read(tmp_path):
     (shard,) = discover_shards([str(tmp_path / "t.arrow")])
     assert shard.name == "t.parquet" and shard.num_rows() == 5
     assert sum(b.num_rows for b in shard.iter_batches(2)) == 5
+
+
+def test_checksums_of_several_files_are_each_files_sha256(tmp_path):
+    import hashlib
+
+    from pipesparse.shards.inputs import file_sha256, files_sha256
+
+    paths = []
+    for i, size in enumerate([0, 5, 3 << 20]):  # empty, small, three 1 MiB chunks
+        path = tmp_path / f"f{i}.bin"
+        path.write_bytes(np.random.default_rng(i).bytes(size))
+        paths.append(str(path))
+    want = [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths]
+    assert files_sha256(paths) == want == [file_sha256(p) for p in paths]
+    assert files_sha256(paths[:1]) == want[:1] and files_sha256([]) == []
