@@ -303,13 +303,14 @@ def _kth_smallest(values, count, kth):
 
 
 @_jit
-def _refine(cand_keys, cand_index, found, need, counts, packed, shift, digit_bits):
+def _refine(cand_keys, cand_index, found, need, counts, packed, key_bits, shift, digit_bits):
     """(key, index) of the ``need``-th smallest of the first ``found`` candidates (in index
-    order, keys below ``2 ** shift``), ties to the lower index: radix digits from the top, or,
-    when there are few (a digit's counts would outnumber them), a selection among (key, index)
-    pairs packed into ``packed`` (a stable sort for 63-bit keys)."""
+    order, keys of ``key_bits`` bits that differ below bit ``shift`` only), ties to the lower
+    index: radix digits from bit ``shift`` down, or, when there are few (a digit's counts would
+    outnumber them), a selection among (key, index) pairs packed into ``packed`` (a stable sort
+    for 63-bit keys)."""
     if found <= _SORTED_MAX:
-        if shift <= 31:  # key and index fit one int64 that orders by key, then by index
+        if key_bits <= 31:  # key and index fit one int64 that orders by key, then by index
             for i in range(found):
                 packed[i] = (np.int64(cand_keys[i]) << 32) | cand_index[i]
             pick = _kth_smallest(packed, found, need - 1)
@@ -336,6 +337,16 @@ def _refine(cand_keys, cand_index, found, need, counts, packed, shift, digit_bit
 
 
 @_jit
+def _bit_length(value):
+    """Bits needed for a non-negative integer (0 for 0)."""
+    bits = 0
+    while value:
+        value >>= 1
+        bits += 1
+    return bits
+
+
+@_jit
 def _threshold(buffers, k, below, found):
     """(threshold key, last dropped flat index among the keys equal to it) for dropping the
     ``k`` smallest ``buffers.keys`` (k >= 1), from what the keys pass counted below the bracket
@@ -346,6 +357,7 @@ def _threshold(buffers, k, below, found):
     bracket, key_bits, digit_bits = buffers.bracket, buffers.key_bits, buffers.digit_bits
     flat = buffers.keys.ravel()
     width = bracket[2]
+    differ = key_bits  # the candidates' keys may differ below this bit only
     if flat.shape[0] <= _SORTED_MAX:  # a small matrix: all its keys are the candidates
         below = 0
         found = flat.shape[0]
@@ -355,9 +367,11 @@ def _threshold(buffers, k, below, found):
     elif below < k <= below + found:
         if found > _BRACKET_MAX_SHARE * flat.shape[0] and width > 2:
             width //= 2
+        differ = _bit_length(bracket[0] ^ bracket[1])  # keys in lo..hi share the bits above
     else:  # missed: gather the keys of the top digit holding the k-th instead
         width = min(width, 1 << (key_bits - 3)) * 4  # at most 2 ** (key_bits - 1): no overflow
         shift = key_bits - digit_bits
+        differ = shift
         bins = 1 << digit_bits
         counts[:bins] = 0
         for i in range(flat.shape[0]):
@@ -370,7 +384,15 @@ def _threshold(buffers, k, below, found):
             cand_index[found] = i
             found += key >> shift == digit
     threshold, last_tied = _refine(
-        cand_keys, cand_index, found, k - below, counts, buffers.packed, key_bits, digit_bits
+        cand_keys,
+        cand_index,
+        found,
+        k - below,
+        counts,
+        buffers.packed,
+        key_bits,
+        differ,
+        digit_bits,
     )
     largest = ((1 << (key_bits - 1)) - 1) * 2 + 1  # 2 ** key_bits - 1 without overflowing
     bracket[0] = max(threshold - width // 2, 0)
