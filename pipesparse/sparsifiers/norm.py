@@ -6,7 +6,8 @@ towards the lower block index, so the result is deterministic everywhere.
 
 This runs once per batch, so it is built for speed while keeping the reference's masks bit
 for bit. On CPU one compiled kernel (:mod:`._norm_kernel`) does it in two passes over the
-batch. Elsewhere (CUDA) plain tensor ops do the same: block means by strided adds in
+batch, the second also writing the masked batch when ``step(masked_out=...)`` asks for it.
+Elsewhere (CUDA) plain tensor ops do the same: block means by strided adds in
 avg_pool2d's own order, O(n) selection of the k-th block norm (a sampled bracket, then
 ``kthvalue`` on the few percent inside it; the reference sorts every block), and the kept
 blocks written into the mask. :func:`norm_keep_mask` is that tensor-op path, the oracle the
