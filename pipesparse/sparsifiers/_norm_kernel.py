@@ -6,7 +6,7 @@ counts, nonzero, kthvalue, the mask write) where the bound spends one multiply. 
 1. one pass over the data: each block's mean (added in avg_pool2d's order and divided as it
    divides, so the norms are bit-identical) becomes an integer sort key. The same pass counts
    the keys below a bracket around the previous matrix's threshold and gathers those inside
-   it (a percent or two, in index order, by the set bits of 64-flag words);
+   it (a percent or two, in index order, by the set bits of a comparison word per 64 keys);
 2. exact selection of the k-th smallest key among the gathered ones by radix digits (count a
    digit, keep the keys with the one holding it, next digit) until one key value is left;
    ties at it go to the lower index. Among at most 512 keys (a small matrix), one in-place
