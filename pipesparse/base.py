@@ -319,7 +319,7 @@ class BaseDataSparsifier(abc.ABC):
                 if name in self._squashed or data is None:
                     continue
                 if leave_parametrized:
-                    data.copy_(apply_mask(data, self.state[name]["mask"]))
+                    _write_masked(data, self.state[name]["mask"], data)
                 self._squashed.add(name)
 
     # -- state ------------------------------------------------------------------------------
