@@ -143,9 +143,10 @@ def memory_growth(batches: int) -> tuple[float, float]:
 def profile_every_batch(shape: tuple[int, int]) -> str:
     """Where an every-batch step's time goes (median microseconds per batch over the batch
     stream, each part on a batch from memory): a whole transform call, the CPU kernel as the
-    transform calls it (mask and masked batch in its two passes), the kernel writing the mask
-    only, and the bound; then the kernel's phases one by one on a batch in cache, and the
-    bound's multiply on one thread (the kernel runs on one). Share = of a whole transform call."""
+    transform calls it (mask and masked batch in its two passes, a band of rows on each of
+    torch's threads), the same on one thread, the kernel writing the mask only, and the bound;
+    then the kernel's phases one by one on one thread on a batch in cache, and the bound's
+    multiply on one thread. Share = of a whole transform call."""
     from pipesparse.sparsifiers import _norm_kernel as kernel
 
     pool = batch_pool(shape)
@@ -154,10 +155,11 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
     k = round(CONFIG["sparsity_level"] * shape[0] * shape[1] // 4)
     buf = kernel._buffers(*shape, torch.float32, (1, 4))
     sums = np.empty(buf.keys.shape[1], dtype=np.float32)  # one row of block sums
+    rows = buf.keys.shape[0]
     found = {}
 
     def keys_pass(batch):
-        found["keys"] = kernel._keys_pass(batch.numpy(), False, 1, 4, buf, sums)
+        found["keys"] = kernel._keys_band(batch.numpy(), False, 1, 4, buf, 0, rows, sums)
 
     def selection(batch):
         found["threshold"] = kernel._threshold(buf, k, *found["keys"])
@@ -166,7 +168,8 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
         def run(batch):
             x = batch.numpy()
             target = out.numpy() if product else None
-            kernel._write_pass(1, 4, buf.keys, *found["threshold"], mask.numpy(), x, target, False)
+            threshold = found["threshold"]
+            kernel._write_band(1, 4, buf.keys, 0, rows, *threshold, mask.numpy(), x, target, False)
 
         return run
 
@@ -176,15 +179,25 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
 
         return run
 
+    bands = kernel._bands
+
+    def kernel_one_thread(batch):
+        kernel._bands = lambda height, width: 1
+        try:
+            kernel.write_mask(batch[None], mask, k, (1, 4), 4, "L1", out[None])
+        finally:
+            kernel._bands = bands
+
     phases = {
         "whole transform call": transform,
         "kernel as the transform runs it (mask and masked batch)": kernel_call(True),
+        "the same on one thread (no bands)": kernel_one_thread,
         "kernel writing the mask only": kernel_call(False),
         "masked view (batch * mask: the bound)": lambda batch: batch * mask,
-        "kernel phase, in cache: keys pass (means, keys, bracket)": keys_pass,
-        "kernel phase, in cache: exact k-th key": selection,
-        "kernel phase, in cache: write pass (mask and masked batch)": write_pass(True),
-        "kernel phase, in cache: write pass (mask only)": write_pass(False),
+        "kernel phase, one thread, in cache: keys pass": keys_pass,
+        "kernel phase, one thread, in cache: exact k-th key": selection,
+        "kernel phase, one thread, in cache: write pass (mask and masked batch)": write_pass(True),
+        "kernel phase, one thread, in cache: write pass (mask only)": write_pass(False),
     }
     times: dict[str, list[float]] = {name: [] for name in phases}
     for batch in pool[:4]:
@@ -197,7 +210,7 @@ def profile_every_batch(shape: tuple[int, int]) -> str:
             step(batch if name.startswith("kernel phase") else other)
             times[name].append(time.perf_counter() - start)
     us = {name: statistics.median(values) * 1e6 for name, values in times.items()}
-    # the kernel runs on one core; the bound on two. One core's multiply: what one core streams
+    # one core's multiply: what one core streams (the phases above run on one)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     one_core = []

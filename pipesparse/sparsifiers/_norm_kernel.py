@@ -19,16 +19,21 @@ A non-negative float's bits sort as integers; NaN takes +inf's key (it ranks as 
 with it, as in the tensor-op path). The loops over a block's entries are compiled unrolled for
 1x2 and 1x4 blocks (other widths take a generic loop).
 
-It runs without the GIL, in the calling thread: the keys pass takes the block rows a group
-at a time (keyed, then gathered while their keys are in the core's cache), and the mask pass
-can write the masked data as well (``data * mask``, in place or into another tensor): the
-multiply the caller would make next, without its second read of the data and the mask. A
-helper thread that joined both passes on a second core made streams with gaps between batches
-slower, not faster: it had to take the GIL to start, just when the caller wanted it back."""
+It runs without the GIL. The keys pass takes the block rows a group at a time (keyed, then
+gathered while their keys are in the core's cache), and the mask pass can write the masked
+data as well (``data * mask``, in place or into another tensor): the multiply the caller would
+make next, without its second read of the data and the mask. A large matrix is cut into bands
+of block rows, one per torch intra-op thread (one in a DataLoader worker), that numba's OpenMP
+threads key and write at once; the selection between the passes runs in the caller. Python
+helper threads did worse: they had to take the GIL to start, just when the caller wanted it
+back. Short rows of whole 1xN blocks are keyed as if joined into long ones (same flat order of
+blocks, same mask)."""
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import threading
 from typing import Any, NamedTuple
 
@@ -52,6 +57,12 @@ _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
 _SORTED_MAX = 512  # up to this many keys, one in-place selection finds the k-th (no digits)
 _MAX_RANKED_BLOCK = 16  # entries ranked one by one in a dropped block when zeros < its size
 _GROUP_ENTRIES = 16384  # the keys pass keys about this many entries, then gathers them
+# a matrix is split into bands of rows, one per thread, from this many entries per band:
+# below, starting the threads costs more than they save (64x1024 float32: 35 vs 31 us)
+_BAND_ENTRIES = 65536
+_JOINED_ROW_ENTRIES = 1024  # rows of a few 1xN blocks are keyed as if joined up to this long
+# whether numba's threads may share a matrix: its OpenMP layer, not since this process forked
+_THREADS: dict[str, bool] = {}
 # bracket around the last threshold, in key units (ulps): from about +-1% of the value, halved
 # while it gathers more than 2% of the keys, widened 4x when it misses
 _BRACKET_START_BITS = 7  # half the width = 2 ** (mantissa bits - this)
@@ -60,6 +71,7 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 # numba-level inlining only where a constant argument must specialise a loop (block widths):
 # it costs seconds of compile per call site. Small helpers are plain _jit; LLVM inlines them
 _inline = numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+_parallel = numba.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
 
 
 @_jit
@@ -248,16 +260,34 @@ def _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums, found):
 
 
 @_jit
-def _keys_pass(x, l2, block_h, block_w, buffers, sums):
-    """The keys of every block of one (H, W) matrix, ``buffers.group_rows`` block rows at a
-    time: (keys below the bracket, keys gathered from it)."""
-    rows, group = buffers.keys.shape[0], buffers.group_rows
+def _keys_band(x, l2, block_h, block_w, buffers, top_row, stop_row, sums):
+    """The keys of block rows ``top_row:stop_row`` of one (H, W) matrix, ``buffers.group_rows``
+    at a time, gathering into the band's own part of ``buffers.cand_keys``/``cand_index``
+    (from the flat index of its first key): (keys below the bracket, keys gathered)."""
+    start = top_row * buffers.keys.shape[1]
     below = 0
-    found = 0
-    for top_row in range(0, rows, group):
-        stop_row = min(top_row + group, rows)
-        more, found = _key_rows(x, l2, block_h, block_w, buffers, top_row, stop_row, sums, found)
+    found = start
+    for top in range(top_row, stop_row, buffers.group_rows):
+        stop = min(top + buffers.group_rows, stop_row)
+        more, found = _key_rows(x, l2, block_h, block_w, buffers, top, stop, sums, found)
         below += more
+    return below, found - start
+
+
+@_inline
+def _collect(buffers, band_rows, below_of, found_of):
+    """Move each band's gathered keys to just after the previous band's (index order stays):
+    (keys below the bracket, keys gathered) of the whole matrix."""
+    cand_keys, cand_index = buffers.cand_keys, buffers.cand_index
+    band_keys = band_rows * buffers.keys.shape[1]
+    below, found = below_of[0], found_of[0]
+    for band in range(1, below_of.shape[0]):
+        start = band * band_keys
+        for i in range(found_of[band]):
+            cand_keys[found + i] = cand_keys[start + i]
+            cand_index[found + i] = cand_index[start + i]
+        below += below_of[band]
+        found += found_of[band]
     return below, found
 
 
@@ -511,36 +541,90 @@ def _keep_in_dropped(x, l2, block_h, block_w, keys, threshold, last_tied, zeros,
 
 
 @_jit
-def _write_pass(block_h, block_w, keys, threshold, last_tied, mask, x, out, in_place):
-    """The mask of one matrix (and ``x * mask`` into ``out`` unless it is None; into ``x``
-    itself when ``in_place``): a block is dropped when its key is below ``threshold``, or equal
-    to it at a flat index up to ``last_tied``."""
-    rows = keys.shape[0]
+def _write_band(
+    block_h, block_w, keys, top_row, stop_row, threshold, last_tied, mask, x, out, in_place
+):
+    """The mask of block rows ``top_row:stop_row`` of one matrix (and ``x * mask`` into ``out``
+    unless it is None; into ``x`` itself when ``in_place``): a block is dropped when its key is
+    below ``threshold``, or equal to it at a flat index up to ``last_tied``."""
     if out is None:
-        _write_rows_any(keys, 0, rows, threshold, last_tied, mask, block_h, block_w, x, None)
+        _write_rows_any(
+            keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, None
+        )
     elif in_place:  # x twice: the compiler sees one array (as two, it assumes they may
         _write_rows_any(  # overlap in part, and the loop loses its vector code)
-            keys, 0, rows, threshold, last_tied, mask, block_h, block_w, x, x
+            keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, x
         )
     else:
-        _write_rows_any(keys, 0, rows, threshold, last_tied, mask, block_h, block_w, x, out)
+        _write_rows_any(
+            keys, top_row, stop_row, threshold, last_tied, mask, block_h, block_w, x, out
+        )
+
+
+@_inline
+def _masks_of(x, l2, block_h, block_w, k, zeros, mask, buffers, out, in_place, bands):
+    """The mask of every matrix of a (B, H, W) batch, in turn, with a thread's
+    :class:`_Buffers` for the matrix shape, and ``x * mask`` in ``out`` unless it is None (only
+    with whole blocks dropped: the entries kept in a dropped block are chosen from ``x`` after
+    the write; ``in_place``: ``out`` is ``x``). Both passes over a matrix run in ``bands``
+    bands of block rows: at once on numba's threads where this is compiled parallel
+    (:func:`_masks_in_bands`), one after the other where it is not (:func:`_masks`)."""
+    keys = buffers.keys
+    rows, cols = keys.shape
+    band_rows = -(-rows // bands)
+    sums = np.empty((bands, cols), x.dtype)
+    below_of = np.empty(bands, np.int64)
+    found_of = np.empty(bands, np.int64)
+    for b in range(x.shape[0]):
+        matrix = x[b]
+        for band in numba.prange(bands):
+            top = min(band * band_rows, rows)
+            stop = min(top + band_rows, rows)
+            below_of[band], found_of[band] = _keys_band(
+                matrix, l2, block_h, block_w, buffers, top, stop, sums[band]
+            )
+        below, found = _collect(buffers, band_rows, below_of, found_of)
+        threshold, last_tied = _threshold(buffers, k, below, found)
+        kept, product = mask[b], _matrix_of(out, b)
+        for band in numba.prange(bands):
+            top = min(band * band_rows, rows)
+            stop = min(top + band_rows, rows)
+            _write_band(
+                block_h, block_w, keys, top, stop, threshold, last_tied, kept, matrix, product,
+                in_place,
+            )  # fmt: skip
+        if zeros < block_h * block_w:
+            _keep_in_dropped(matrix, l2, block_h, block_w, keys, threshold, last_tied, zeros, kept)
+
+
+@_jit
+def _matrix_of(batch, b):
+    """``batch[b]``, or None for None (a function of its own: a conditional expression in the
+    parallel function gives numba's array analysis two types to join, which it cannot)."""
+    if batch is None:
+        return None
+    return batch[b]
 
 
 @_jit
 def _masks(x, l2, block_h, block_w, k, zeros, mask, buffers, out, in_place):
-    """The mask of every matrix of a (B, H, W) batch, in turn, with a thread's
-    :class:`_Buffers` for the matrix shape, and ``x * mask`` in ``out`` unless it is None (only
-    with whole blocks dropped: the entries kept in a dropped block are chosen from ``x`` after
-    the write; ``in_place``: ``out`` is ``x``)."""
-    keys = buffers.keys
-    sums = np.empty(keys.shape[1], x.dtype)
-    for b in range(x.shape[0]):
-        below, found = _keys_pass(x[b], l2, block_h, block_w, buffers, sums)
-        threshold, last_tied = _threshold(buffers, k, below, found)
-        product = None if out is None else out[b]
-        _write_pass(block_h, block_w, keys, threshold, last_tied, mask[b], x[b], product, in_place)
-        if zeros < block_h * block_w:
-            _keep_in_dropped(x[b], l2, block_h, block_w, keys, threshold, last_tied, zeros, mask[b])
+    """:func:`_masks_of` in the calling thread alone."""
+    _masks_of(x, l2, block_h, block_w, k, zeros, mask, buffers, out, in_place, 1)
+
+
+@_parallel
+def _masks_in_bands(x, l2, block_h, block_w, k, zeros, mask, buffers, out, in_place, bands):
+    """:func:`_masks_of` with each pass's bands on numba's threads (the caller takes one)."""
+    _masks_of(x, l2, block_h, block_w, k, zeros, mask, buffers, out, in_place, bands)
+
+
+@_parallel
+def _start_threads(count):
+    """Starts numba's threading layer (a parallel loop that does nothing to speak of)."""
+    total = 0
+    for i in numba.prange(count):
+        total += i
+    return total
 
 
 def supports(data: torch.Tensor, mask: torch.Tensor, block: tuple[int, int], zeros: int) -> bool:
@@ -608,6 +692,49 @@ def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]
     return found
 
 
+def _threads_usable() -> bool:
+    """Whether the kernel may run on numba's threads: only on its OpenMP layer (started by
+    this process, whose idle threads wait spinning for the next call: the workqueue layer
+    takes about 50 us to start a loop, more than a band saves) and never in a child forked
+    after it started (GNU OpenMP cannot run there: numba ends the process)."""
+    usable = _THREADS.get("usable")
+    if usable is None:
+        _start_threads(2)
+        usable = _THREADS["usable"] = numba.threading_layer() == "omp"
+    return usable
+
+
+def _forked() -> None:
+    if _THREADS:
+        _THREADS["usable"] = False
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _bands(height: int, width: int) -> int:
+    """How many threads share one matrix: torch's intra-op threads (one in a DataLoader
+    worker), at most numba's, each with at least ``_BAND_ENTRIES`` entries."""
+    bands = min(torch.get_num_threads(), height * width // _BAND_ENTRIES)
+    if bands < 2 or not _threads_usable():
+        return 1
+    return min(bands, numba.get_num_threads())
+
+
+@functools.lru_cache(maxsize=64)
+def _joined(height: int, width: int, block: tuple[int, int]) -> tuple[int, int]:
+    """The (H, W) the kernel sees a matrix as: rows of whole 1xN blocks joined ``j`` at a time
+    into rows up to ``_JOINED_ROW_ENTRIES`` long (H must divide by ``j``). Blocks keep their
+    flat order, so the mask is the same; a short row costs each pass more in its loop's
+    start than in its blocks (4096x16, 1x4 blocks: 245 us a mask in rows of 16)."""
+    if block[0] != 1 or width % block[1]:
+        return height, width
+    join = max(
+        (j for j in range(1, _JOINED_ROW_ENTRIES // width + 1) if height % j == 0), default=1
+    )
+    return height // join, width * join
+
+
 def write_mask(
     matrices: torch.Tensor,
     mask: torch.Tensor,
@@ -641,10 +768,10 @@ def write_mask(
     )
     if matrices.dtype not in _KEY_TYPES:
         matrices = matrices.float()
-    x = matrices.contiguous().numpy()
+    height, width = _joined(*matrices.shape[1:], block)
+    x = matrices.contiguous().numpy().reshape(-1, height, width)
     in_place = fused and out.data_ptr() == matrices.data_ptr()
-    product = x if in_place else out.detach().numpy() if fused else None
-    height, width = x.shape[1:]
+    product = x if in_place else out.detach().numpy().reshape(x.shape) if fused else None
     if mask.dtype == matrices.dtype or mask.dtype in _BYTE_MASKS:
         target = mask if mask.dtype == matrices.dtype else mask.view(torch.uint8)
     else:
@@ -652,7 +779,11 @@ def write_mask(
     buffers = _buffers(height, width, matrices.dtype, block)
     target_array = target.detach().view(-1, height, width).numpy()
     l2 = norm == "L2"
-    _masks(x, l2, *block, k, zeros, target_array, buffers, product, in_place)
+    bands = _bands(height, width)
+    if bands > 1:
+        _masks_in_bands(x, l2, *block, k, zeros, target_array, buffers, product, in_place, bands)
+    else:
+        _masks(x, l2, *block, k, zeros, target_array, buffers, product, in_place)
     if target.data_ptr() != mask.data_ptr():
         mask.copy_(target)
     return fused

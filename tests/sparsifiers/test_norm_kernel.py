@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, note, settings
@@ -65,7 +67,9 @@ def assert_exact_01(mask: torch.Tensor) -> None:
 
 def bracket(height, width, dtype, block) -> tuple[int, int, int]:
     """(lo, hi, width) of this thread's bracket for a matrix shape (kernel internals)."""
-    lo, hi, size = _norm_kernel._buffers(height, width, dtype, block).bracket
+    lo, hi, size = _norm_kernel._buffers(
+        *_norm_kernel._joined(height, width, block), dtype, block
+    ).bracket
     return int(lo), int(hi), int(size)
 
 
@@ -414,7 +418,9 @@ def test_non_contiguous_data(view):
 # ------------------------------------------------------------------------- 8. threads
 
 
-def test_threads_each_stepping_their_own_sparsifier():
+@pytest.mark.parametrize("bands", [1, 2])
+def test_threads_each_stepping_their_own_sparsifier(bands):
+    # with bands: each thread's matrices also split on numba's threads, all at once
     shape, block, steps, workers = (48, 64), (1, 4), 20, 4
     levels = [0.2, 0.45, 0.7, 0.95]
     start = threading.Barrier(workers)
@@ -435,7 +441,11 @@ def test_threads_each_stepping_their_own_sparsifier():
             results.append((x, sparsifier.get_mask("x").clone()))
         return results
 
-    with kernel_calls() as calls, ThreadPoolExecutor(workers) as pool:
+    with (
+        kernel_calls() as calls,
+        mock.patch.object(_norm_kernel, "_bands", lambda height, width: bands),
+        ThreadPoolExecutor(workers) as pool,
+    ):
         outcomes = list(pool.map(run, range(workers)))
     assert len(calls) == workers * steps
     for worker, results in enumerate(outcomes):
@@ -460,3 +470,113 @@ def test_a_bracket_widened_to_its_limit_stays_exact(dtype):
         assert torch.equal(sparsifier.get_mask("x").bool(), expected), i
     lo, hi, width = bracket(64, 64, dtype, (1, 4))
     assert 0 <= lo <= hi and width > 2**20
+
+
+# --------------------------------------------------- 9. bands on numba's threads, joined rows
+
+
+@contextlib.contextmanager
+def torch_threads(count):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@settings(max_examples=150)
+@given(cases(), st.integers(2, 5), st.booleans())
+def test_masks_split_in_bands_equal_the_tensor_op_path(case, bands, in_place):
+    # any matrix, cut in 2-5 bands of block rows (the real cut needs 65,536 entries a band)
+    x, level, block, zeros, rule = case
+    with mock.patch.object(_norm_kernel, "_bands", lambda height, width: bands):
+        data = x.clone()
+        sparsifier = DataNormSparsifier(
+            sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=rule
+        )
+        sparsifier.add_data("x", data)
+        out = data if in_place else torch.empty_like(x)
+        sparsifier.step(masked_out={"x": out})
+    mask = sparsifier.get_mask("x")
+    assert torch.equal(mask.bool(), norm_keep_mask(x, level, block, zeros, rule))
+    expected = x * mask
+    assert torch.equal(out.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
+
+
+def test_a_large_matrix_is_split_between_torch_threads_on_numba_openmp_threads():
+    pytest.importorskip("numba.np.ufunc.omppool", reason="numba without its OpenMP layer")
+    x = torch.randn(256, 1024, generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = _norm_kernel._masks_in_bands
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    with torch_threads(2), mock.patch.object(_norm_kernel, "_masks_in_bands", spy):
+        assert _norm_kernel._bands(256, 1024) == 2
+        assert _norm_kernel._bands(64, 1024) == 1  # too small to be worth a second thread
+        mask = step_mask(x, 0.5, (1, 4), None, "L1")
+    assert calls == [2]
+    assert _norm_kernel._THREADS == {"usable": True}
+    assert torch.equal(mask.bool(), norm_keep_mask(x, 0.5, (1, 4), None, "L1"))
+    with torch_threads(1):  # as in a DataLoader worker
+        assert _norm_kernel._bands(256, 1024) == 1
+
+
+def _kernel_mask(x: np.ndarray) -> bytes:
+    """The kernel's mask of a 256x1024 matrix, packed, with no torch op on the way (a child
+    forked after torch's own OpenMP threads started must not run a parallel torch op)."""
+    matrices = torch.from_numpy(x)[None]
+    mask = torch.from_numpy(np.empty_like(x))[None]
+    _norm_kernel.write_mask(matrices, mask, 32768, (1, 4), 4, "L1")
+    return np.packbits(mask.numpy() != 0).tobytes()
+
+
+def _mask_in_forked_child(x, queue):
+    bands = _norm_kernel._bands(*x.shape)
+    queue.put((torch.get_num_threads(), bands, _kernel_mask(x), dict(_norm_kernel._THREADS)))
+
+
+def test_a_child_forked_after_the_threads_started_masks_in_one_thread():
+    # GNU OpenMP cannot run in a child forked after it started (numba ends such a process)
+    x = np.random.default_rng(3).standard_normal((256, 1024), dtype=np.float32)
+    with torch_threads(2):
+        expected = _kernel_mask(x)
+        if not _norm_kernel._THREADS.get("usable"):
+            pytest.skip("numba's threads are not OpenMP ones here: never started")
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_mask_in_forked_child, args=(x, queue))
+        child.start()
+        try:
+            threads, bands, got, state = queue.get(timeout=60)
+        finally:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+    assert child.exitcode == 0
+    assert threads == 2 and bands == 1 and state == {"usable": False}
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "shape,block,seen",
+    [((4096, 16), (1, 4), (64, 1024)), ((4095, 16), (1, 4), (65, 1008)),
+     ((7, 12), (1, 4), (1, 84)), ((4096, 16), (2, 4), (4096, 16)),
+     ((4096, 18), (1, 4), (4096, 18)), ((3, 2048), (1, 4), (3, 2048))],
+)  # fmt: skip
+def test_short_rows_of_whole_blocks_are_joined(shape, block, seen):
+    assert _norm_kernel._joined(*shape, block) == seen
+
+
+@pytest.mark.parametrize("shape", [(4096, 16), (1000, 12), (999, 8)])
+@pytest.mark.parametrize("rule", ["L1", "L2"])
+def test_joined_rows_give_torch_ao_masks(shape, rule, torch_ao_mask):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]))
+    with kernel_calls() as calls:
+        got = step_mask(x, 0.5, (1, 4), None, rule)
+    assert calls == [(1, *shape)]
+    expected = torch_ao_mask(x, rule, sparsity_level=0.5, sparse_block_shape=(1, 4))
+    assert torch.equal(got.bool(), expected.bool())
