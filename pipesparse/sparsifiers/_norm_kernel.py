@@ -705,6 +705,7 @@ def _threads_usable() -> bool:
 
 
 def _forked() -> None:
+    """In a forked child: numba's OpenMP threads, if the parent started them, are not usable."""
     if _THREADS:
         _THREADS["usable"] = False
 
@@ -727,7 +728,7 @@ def _joined(height: int, width: int, block: tuple[int, int]) -> tuple[int, int]:
     into rows up to ``_JOINED_ROW_ENTRIES`` long (H must divide by ``j``). Blocks keep their
     flat order, so the mask is the same; a short row costs each pass more in its loop's
     start than in its blocks (4096x16, 1x4 blocks: 245 us a mask in rows of 16)."""
-    if block[0] != 1 or width % block[1]:
+    if block[0] != 1 or width == 0 or width % block[1]:
         return height, width
     join = max(
         (j for j in range(1, _JOINED_ROW_ENTRIES // width + 1) if height % j == 0), default=1

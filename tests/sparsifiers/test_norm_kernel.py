@@ -523,6 +523,8 @@ def test_a_large_matrix_is_split_between_torch_threads_on_numba_openmp_threads()
     assert torch.equal(mask.bool(), norm_keep_mask(x, 0.5, (1, 4), None, "L1"))
     with torch_threads(1):  # as in a DataLoader worker
         assert _norm_kernel._bands(256, 1024) == 1
+    with torch_threads(2), mock.patch.dict(_norm_kernel._THREADS, {"usable": False}):
+        assert _norm_kernel._bands(256, 1024) == 1  # another layer, or a forked child
 
 
 def _kernel_mask(x: np.ndarray) -> bytes:
@@ -565,7 +567,8 @@ def test_a_child_forked_after_the_threads_started_masks_in_one_thread():
     "shape,block,seen",
     [((4096, 16), (1, 4), (64, 1024)), ((4095, 16), (1, 4), (65, 1008)),
      ((7, 12), (1, 4), (1, 84)), ((4096, 16), (2, 4), (4096, 16)),
-     ((4096, 18), (1, 4), (4096, 18)), ((3, 2048), (1, 4), (3, 2048))],
+     ((4096, 18), (1, 4), (4096, 18)), ((3, 2048), (1, 4), (3, 2048)),
+     ((5, 0), (1, 4), (5, 0)), ((0, 8), (1, 4), (0, 1024))],
 )  # fmt: skip
 def test_short_rows_of_whole_blocks_are_joined(shape, block, seen):
     assert _norm_kernel._joined(*shape, block) == seen
