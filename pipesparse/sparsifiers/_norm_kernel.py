@@ -24,7 +24,8 @@ gathered while their keys are in the core's cache), and the mask pass can write 
 data as well (``data * mask``, in place or into another tensor): the multiply the caller would
 make next, without its second read of the data and the mask. A large matrix is cut into bands
 of block rows, one per torch intra-op thread (one in a DataLoader worker), that numba's OpenMP
-threads key and write at once; the selection between the passes runs in the caller. Python
+threads key and write at once; the selection between the passes runs in the caller (a batch
+of smaller matrices: runs of whole matrices, one per thread, each with its own buffers). Python
 helper threads did worse: they had to take the GIL to start, just when the caller wanted it
 back. Short rows of whole 1xN blocks are keyed as if joined into long ones (same flat order of
 blocks, same mask)."""
@@ -619,6 +620,40 @@ def _masks_in_bands(x, l2, block_h, block_w, k, zeros, mask, buffers, out, in_pl
 
 
 @_parallel
+def _masks_in_parts(x, l2, block_h, block_w, k, zeros, mask, runs, out, in_place):
+    """:func:`_masks` for a batch of small matrices cut into runs of whole matrices, one per
+    numba thread, each with its own buffers: ``runs`` is a :class:`_Buffers` whose arrays
+    have a leading dim, one entry per run."""
+    count, parts = x.shape[0], runs.bracket.shape[0]
+    per_part = -(-count // parts)
+    for part in numba.prange(parts):
+        first = min(part * per_part, count)
+        stop = min(first + per_part, count)
+        _masks(
+            x[first:stop], l2, block_h, block_w, k, zeros, mask[first:stop],
+            _run_buffers(runs, part), _matrices_of(out, first, stop), in_place,
+        )  # fmt: skip
+
+
+@_jit
+def _run_buffers(runs, part):
+    """The :class:`_Buffers` of one run of :func:`_masks_in_parts`."""
+    return _Buffers(
+        runs.keys[part], runs.cand_keys[part], runs.cand_index[part], runs.counts[part],
+        runs.packed[part], runs.bracket[part], runs.magnitude, runs.inf, runs.key_bits,
+        runs.digit_bits, runs.group_rows,
+    )  # fmt: skip
+
+
+@_jit
+def _matrices_of(batch, first, stop):
+    """``batch[first:stop]``, or None for None (see :func:`_matrix_of`)."""
+    if batch is None:
+        return None
+    return batch[first:stop]
+
+
+@_parallel
 def _start_threads(count):
     """Starts numba's threading layer (a parallel loop that does nothing to speak of)."""
     total = 0
@@ -656,30 +691,33 @@ class _Buffers(NamedTuple):
     group_rows: int  # block rows the keys pass keys, then gathers
 
 
-def _buffers(height: int, width: int, dtype: torch.dtype, block: tuple[int, int]) -> _Buffers:
+def _buffers(
+    height: int, width: int, dtype: torch.dtype, block: tuple[int, int], runs: int = 0
+) -> _Buffers:
     """The kernel's scratch arrays and constants for one matrix shape, kept by this thread
     (building them costs more than a small matrix's mask), with the bracket that carries over
-    from matrix to matrix."""
+    from matrix to matrix. ``runs`` > 0: each array stacked that many times, for
+    :func:`_masks_in_parts`."""
     cache = getattr(_CACHE, "buffers", None)
     if cache is None:
         cache = _CACHE.buffers = {}
-    key = (height, width, dtype, block)
+    key = (height, width, dtype, block, runs)
     found = cache.get(key)
     if found is None:
         key_dtype, key_bits, mantissa_bits = _KEY_TYPES[dtype]
         rows, cols = -(-height // block[0]), -(-width // block[1])
         key_type = torch.empty(0, dtype=key_dtype).numpy().dtype
         value_type = torch.empty(0, dtype=dtype).numpy().dtype
+        lead = (runs,) if runs else ()
+        # about +-1% of the value around the first threshold; empty (lo > hi) before it
+        bracket = [1, 0, 2 ** (mantissa_bits - _BRACKET_START_BITS + 1)]
         found = _Buffers(
-            keys=np.empty((rows, cols), dtype=key_type),
-            cand_keys=np.empty(rows * cols, dtype=key_type),
-            cand_index=np.empty(rows * cols, dtype=np.int32),
-            counts=np.empty(1 << _DIGIT_BITS, dtype=np.int32),
-            packed=np.empty(_SORTED_MAX, dtype=np.int64),
-            # about +-1% of the value around the first threshold; empty (lo > hi) before it
-            bracket=np.array(
-                [1, 0, 2 ** (mantissa_bits - _BRACKET_START_BITS + 1)], dtype=key_type
-            ),
+            keys=np.empty((*lead, rows, cols), dtype=key_type),
+            cand_keys=np.empty((*lead, rows * cols), dtype=key_type),
+            cand_index=np.empty((*lead, rows * cols), dtype=np.int32),
+            counts=np.empty((*lead, 1 << _DIGIT_BITS), dtype=np.int32),
+            packed=np.empty((*lead, _SORTED_MAX), dtype=np.int64),
+            bracket=np.array([bracket] * runs if runs else bracket, dtype=key_type),
             magnitude=key_type.type((1 << key_bits) - 1),
             inf=np.array(math.inf, dtype=value_type).view(key_type)[()],
             key_bits=key_bits,
@@ -713,13 +751,23 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
-def _bands(height: int, width: int) -> int:
-    """How many threads share one matrix: torch's intra-op threads (one in a DataLoader
-    worker), at most numba's, each with at least ``_BAND_ENTRIES`` entries."""
-    bands = min(torch.get_num_threads(), height * width // _BAND_ENTRIES)
-    if bands < 2 or not _threads_usable():
+def _threads(entries: int) -> int:
+    """How many threads share this many entries: torch's intra-op threads (one in a
+    DataLoader worker), at most numba's, each with at least ``_BAND_ENTRIES`` entries."""
+    threads = min(torch.get_num_threads(), entries // _BAND_ENTRIES)
+    if threads < 2 or not _threads_usable():
         return 1
-    return min(bands, numba.get_num_threads())
+    return min(threads, numba.get_num_threads())
+
+
+def _bands(height: int, width: int) -> int:
+    """How many threads share one matrix, a band of its block rows each."""
+    return _threads(height * width)
+
+
+def _parts(count: int, height: int, width: int) -> int:
+    """How many threads share a batch of ``count`` matrices, a run of whole matrices each."""
+    return min(count, _threads(count * height * width))
 
 
 @functools.lru_cache(maxsize=64)
@@ -781,8 +829,12 @@ def write_mask(
     target_array = target.detach().view(-1, height, width).numpy()
     l2 = norm == "L2"
     bands = _bands(height, width)
+    parts = 1 if bands > 1 else _parts(x.shape[0], height, width)
     if bands > 1:
         _masks_in_bands(x, l2, *block, k, zeros, target_array, buffers, product, in_place, bands)
+    elif parts > 1:
+        runs = _buffers(height, width, matrices.dtype, block, parts)
+        _masks_in_parts(x, l2, *block, k, zeros, target_array, runs, product, in_place)
     else:
         _masks(x, l2, *block, k, zeros, target_array, buffers, product, in_place)
     if target.data_ptr() != mask.data_ptr():

@@ -485,12 +485,13 @@ def torch_threads(count):
         torch.set_num_threads(previous)
 
 
-@settings(max_examples=150)
-@given(cases(), st.integers(2, 5), st.booleans())
-def test_masks_split_in_bands_equal_the_tensor_op_path(case, bands, in_place):
-    # any matrix, cut in 2-5 bands of block rows (the real cut needs 65,536 entries a band)
+@settings(max_examples=200)
+@given(cases(), st.integers(2, 5), st.booleans(), st.sampled_from(["_bands", "_parts"]))
+def test_masks_split_between_threads_equal_the_tensor_op_path(case, threads, in_place, split):
+    # any batch, each matrix cut in 2-5 bands of block rows, or the batch in 2-5 runs of whole
+    # matrices (for real, either needs 65,536 entries a thread)
     x, level, block, zeros, rule = case
-    with mock.patch.object(_norm_kernel, "_bands", lambda height, width: bands):
+    with mock.patch.object(_norm_kernel, split, lambda *shape: threads):
         data = x.clone()
         sparsifier = DataNormSparsifier(
             sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=rule
@@ -521,10 +522,33 @@ def test_a_large_matrix_is_split_between_torch_threads_on_numba_openmp_threads()
     assert calls == [2]
     assert _norm_kernel._THREADS == {"usable": True}
     assert torch.equal(mask.bool(), norm_keep_mask(x, 0.5, (1, 4), None, "L1"))
+    assert _norm_kernel._parts(8192, 1, 512) == 2  # a per-row preprocess batch
+    assert _norm_kernel._parts(96, 32, 32) == 1
     with torch_threads(1):  # as in a DataLoader worker
         assert _norm_kernel._bands(256, 1024) == 1
     with torch_threads(2), mock.patch.dict(_norm_kernel._THREADS, {"usable": False}):
         assert _norm_kernel._bands(256, 1024) == 1  # another layer, or a forked child
+
+
+def test_runs_of_a_batch_of_small_matrices_each_keep_their_own_bracket():
+    # 2 threads, each with its own buffers and bracket (used from 513 blocks a matrix), over
+    # matrices whose scales jump
+    generator = torch.Generator().manual_seed(5)
+    scales = 10.0 ** torch.randint(-20, 20, (64, 1, 1), generator=generator)
+    x = torch.randn(64, 64, 64, generator=generator) * scales  # 1,024 blocks a matrix
+    calls = []
+    real = _norm_kernel._masks_in_parts
+
+    def spy(*args):
+        calls.append(args[7].bracket.shape[0])
+        return real(*args)
+
+    with torch_threads(2), mock.patch.object(_norm_kernel, "_masks_in_parts", spy):
+        for _ in range(2):
+            mask = step_mask(x, 0.3, (1, 4), None, "L2")
+            assert torch.equal(mask.bool(), norm_keep_mask(x, 0.3, (1, 4), None, "L2"))
+    if _norm_kernel._THREADS.get("usable"):
+        assert calls == [2, 2]
 
 
 def _kernel_mask(x: np.ndarray) -> bytes:
