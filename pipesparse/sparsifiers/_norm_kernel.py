@@ -825,18 +825,20 @@ def write_mask(
         target = mask if mask.dtype == matrices.dtype else mask.view(torch.uint8)
     else:
         target = scratch("kernel_mask", tuple(mask.shape), torch.uint8)
-    buffers = _buffers(height, width, matrices.dtype, block)
     target_array = target.detach().view(-1, height, width).numpy()
     l2 = norm == "L2"
     bands = _bands(height, width)
     parts = 1 if bands > 1 else _parts(x.shape[0], height, width)
-    if bands > 1:
-        _masks_in_bands(x, l2, *block, k, zeros, target_array, buffers, product, in_place, bands)
-    elif parts > 1:
+    if parts > 1:
         runs = _buffers(height, width, matrices.dtype, block, parts)
         _masks_in_parts(x, l2, *block, k, zeros, target_array, runs, product, in_place)
     else:
-        _masks(x, l2, *block, k, zeros, target_array, buffers, product, in_place)
+        buffers = _buffers(height, width, matrices.dtype, block)
+        args = (x, l2, *block, k, zeros, target_array, buffers, product, in_place)
+        if bands > 1:
+            _masks_in_bands(*args, bands)
+        else:
+            _masks(*args)
     if target.data_ptr() != mask.data_ptr():
         mask.copy_(target)
     return fused
