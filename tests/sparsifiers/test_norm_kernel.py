@@ -57,6 +57,34 @@ def step_mask(x, level, block, zeros, rule) -> torch.Tensor:
     return sparsifier.get_mask("x")
 
 
+def masked_step(x, level, block, zeros, rule, in_place):
+    """One step of a fresh sparsifier that also writes the masked data (over a copy of ``x``
+    when ``in_place``): (mask, masked data)."""
+    data = x.clone()
+    sparsifier = DataNormSparsifier(
+        sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=rule
+    )
+    sparsifier.add_data("x", data)
+    out = data if in_place else torch.empty_like(x)
+    sparsifier.step(masked_out={"x": out})
+    return sparsifier.get_mask("x"), out
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (-0.0 and NaN payloads included)."""
+    return torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+@contextlib.contextmanager
+def torch_threads(count):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def assert_exact_01(mask: torch.Tensor) -> None:
     """Only 0 and 1, and for float masks the exact bit patterns of +0.0 and 1.0 (no -0.0)."""
     keep = mask.bool()
@@ -130,16 +158,8 @@ def test_kernel_masks_equal_the_tensor_op_path(case):
 @settings(max_examples=150)
 @given(cases(), st.booleans())
 def test_masked_data_written_with_the_mask_is_data_times_mask_bit_for_bit(case, in_place):
-    x, level, block, zeros, rule = case
-    data = x.clone()
-    sparsifier = DataNormSparsifier(
-        sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=rule
-    )
-    sparsifier.add_data("x", data)
-    out = data if in_place else torch.empty_like(x)
-    sparsifier.step(masked_out={"x": out})
-    expected = x * sparsifier.get_mask("x")
-    assert torch.equal(out.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
+    mask, out = masked_step(*case, in_place)
+    assert same_bits(out, case[0] * mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -147,17 +167,13 @@ def test_masked_data_written_with_the_mask_is_data_times_mask_bit_for_bit(case, 
 def test_the_kernel_writes_the_product_itself_for_whole_blocks_of_float_data(dtype, threads):
     x = torch.randn(256, 1024, dtype=dtype)
     mask, out = torch.empty_like(x), torch.empty_like(x)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         assert _norm_kernel.write_mask(x[None], mask, 32768, (1, 4), 4, "L1", out[None])
         assert torch.equal(out, x * mask)
         assert _norm_kernel.write_mask(x[None], mask, 32768, (1, 4), 4, "L1", x[None])
         assert torch.equal(x, out)
         assert not _norm_kernel.write_mask(x[None], mask, 32768, (1, 4), 2, "L1", out[None])
         assert not _norm_kernel.write_mask(x[None], mask, 32768, (1, 4), 4, "L1", out[None].half())
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------ 2. large matrices against torch.ao
@@ -475,16 +491,6 @@ def test_a_bracket_widened_to_its_limit_stays_exact(dtype):
 # --------------------------------------------------- 9. bands on numba's threads, joined rows
 
 
-@contextlib.contextmanager
-def torch_threads(count):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @settings(max_examples=200)
 @given(cases(), st.integers(2, 5), st.booleans(), st.sampled_from(["_bands", "_parts"]))
 def test_masks_split_between_threads_equal_the_tensor_op_path(case, threads, in_place, split):
@@ -492,17 +498,9 @@ def test_masks_split_between_threads_equal_the_tensor_op_path(case, threads, in_
     # matrices (for real, either needs 65,536 entries a thread)
     x, level, block, zeros, rule = case
     with mock.patch.object(_norm_kernel, split, lambda *shape: threads):
-        data = x.clone()
-        sparsifier = DataNormSparsifier(
-            sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=rule
-        )
-        sparsifier.add_data("x", data)
-        out = data if in_place else torch.empty_like(x)
-        sparsifier.step(masked_out={"x": out})
-    mask = sparsifier.get_mask("x")
+        mask, out = masked_step(x, level, block, zeros, rule, in_place)
     assert torch.equal(mask.bool(), norm_keep_mask(x, level, block, zeros, rule))
-    expected = x * mask
-    assert torch.equal(out.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
+    assert same_bits(out, x * mask)
 
 
 def test_a_large_matrix_is_split_between_torch_threads_on_numba_openmp_threads():
