@@ -257,7 +257,9 @@ def _stream(shape, dtype, generator):
         ((33, 40), (1, 1), 0.9, "L1"),
     ],
 )
-def test_a_stream_whose_values_shift_stays_exact(dtype, shape, block, level, rule):
+@pytest.mark.parametrize("masked", [False, True], ids=["mask", "masked-batch"])
+def test_a_stream_whose_values_shift_stays_exact(dtype, shape, block, level, rule, masked):
+    # the masked batch too, after hits and misses alike
     batches = _stream(shape, dtype, torch.Generator().manual_seed(shape[1]))
     assert len(batches) >= 30
     sparsifier = DataNormSparsifier(sparsity_level=level, sparse_block_shape=block, norm=rule)
@@ -266,12 +268,15 @@ def test_a_stream_whose_values_shift_stays_exact(dtype, shape, block, level, rul
         for i, x in enumerate(batches):
             before = bracket(*shape, dtype, block)[2]
             sparsifier.add_data("x", x)
-            sparsifier.step()
+            out = torch.empty_like(x)
+            sparsifier.step(masked_out={"x": out} if masked else None)
             after = bracket(*shape, dtype, block)[2]
             grew += after > before  # a miss widens the bracket, a hit never does
             kept += after <= before
             expected = norm_keep_mask(x, level, block, None, rule)
             assert torch.equal(sparsifier.get_mask("x").bool(), expected), f"batch {i}"
+            if masked:
+                assert same_bits(out, x * expected.to(dtype)), f"batch {i}"
     assert len(calls) == len(batches)
     assert grew >= 3 and kept >= 3, (grew, kept)  # both the miss and the hit paths ran
 
