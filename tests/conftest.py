@@ -50,6 +50,21 @@ def same():
     return assert_same
 
 
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, equal bit for bit (-0.0 and NaN payloads included), whatever the layout or
+    autograd."""
+    return a.shape == b.shape and torch.equal(
+        a.detach().contiguous().view(-1).view(torch.uint8),
+        b.detach().contiguous().view(-1).view(torch.uint8),
+    )
+
+
+@pytest.fixture(scope="session")  # session: hypothesis tests may take it
+def same_bits():
+    """:func:`bits_equal` as a fixture."""
+    return bits_equal
+
+
 @pytest.fixture
 def unchanged():
     """``with unchanged(sparsifier): ...``: the block must leave the sparsifier's state (masks,

@@ -270,11 +270,6 @@ def test_rule_that_changes_the_mask_shape_is_an_error_and_keeps_the_mask():
 
 
 # -- step(masked_out=...) ------------------------------------------------------------------------
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes: equal bits, so -0.0 and NaN payloads count."""
-    return t.contiguous().view(torch.uint8)
-
-
 @pytest.mark.parametrize(
     "rule",
     [ZeroNegativeIndexing, ZeroNegativeInPlaceMul, ZeroNegativeDataAssign, ZeroNegativeReplace],
@@ -304,7 +299,9 @@ def test_masked_out_keeps_the_datas_dtype_as_get_data_does(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("block,zeros", [((1, 4), None), ((2, 3), None), ((1, 4), 2)])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_data_norm_masked_out_is_the_masked_data_bit_for_bit(shape, dtype, block, zeros, in_place):
+def test_data_norm_masked_out_is_the_masked_data_bit_for_bit(
+    shape, dtype, block, zeros, in_place, same_bits
+):
     """The CPU kernel writes the product in its mask pass (whole blocks, float32/64): the same
     bits as ``data * mask``, -0.0 and NaN included; other cases take the base's multiply."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))).to(dtype)
@@ -314,8 +311,8 @@ def test_data_norm_masked_out_is_the_masked_data_bit_for_bit(shape, dtype, block
     s.add_data("x", data)
     out = data if in_place else torch.empty_like(x)
     s.step(masked_out={"x": out})
-    assert torch.equal(bits(out), bits(x * s.get_mask("x")))
-    assert torch.equal(bits(data), bits(out if in_place else x))
+    assert same_bits(out, x * s.get_mask("x"))
+    assert same_bits(data, out if in_place else x)
 
 
 def test_data_norm_masked_out_that_is_not_contiguous_or_is_a_view_of_other_data():
@@ -346,7 +343,7 @@ def test_a_data_norm_subclass_with_its_own_rule_is_not_bypassed_by_masked_out():
     assert torch.equal(s.get_mask("x"), torch.ones(8, 16)) and torch.equal(out, x)
 
 
-def test_a_float_mask_of_another_dtype_masks_in_the_datas_dtype():
+def test_a_float_mask_of_another_dtype_masks_in_the_datas_dtype(same_bits):
     """A float64 mask (``fit`` leaves one over features) on float32 data: no promotion, the
     same values as the float64 product, -0.0 and NaN included."""
     from pipesparse.base import apply_mask, mask_like
@@ -355,7 +352,7 @@ def test_a_float_mask_of_another_dtype_masks_in_the_datas_dtype():
     mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
     got = apply_mask(x, mask)
     assert got.dtype == torch.float32 and mask_like(x, mask).dtype == torch.float32
-    assert torch.equal(bits(got), bits((x.double() * mask).float()))
+    assert same_bits(got, (x.double() * mask).float())
     assert mask_like(x.long(), mask) is mask and mask_like(x, mask.bool()).dtype == torch.bool
 
 

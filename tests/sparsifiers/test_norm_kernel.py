@@ -70,11 +70,6 @@ def masked_step(x, level, block, zeros, rule, in_place):
     return sparsifier.get_mask("x"), out
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit for bit (-0.0 and NaN payloads included)."""
-    return torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
-
-
 @contextlib.contextmanager
 def torch_threads(count):
     previous = torch.get_num_threads()
@@ -157,7 +152,9 @@ def test_kernel_masks_equal_the_tensor_op_path(case):
 
 @settings(max_examples=150)
 @given(cases(), st.booleans())
-def test_masked_data_written_with_the_mask_is_data_times_mask_bit_for_bit(case, in_place):
+def test_masked_data_written_with_the_mask_is_data_times_mask_bit_for_bit(
+    same_bits, case, in_place
+):  # hypothesis fills the rightmost arguments, pytest the fixture
     mask, out = masked_step(*case, in_place)
     assert same_bits(out, case[0] * mask)
 
@@ -258,7 +255,9 @@ def _stream(shape, dtype, generator):
     ],
 )
 @pytest.mark.parametrize("masked", [False, True], ids=["mask", "masked-batch"])
-def test_a_stream_whose_values_shift_stays_exact(dtype, shape, block, level, rule, masked):
+def test_a_stream_whose_values_shift_stays_exact(
+    dtype, shape, block, level, rule, masked, same_bits
+):
     # the masked batch too, after hits and misses alike
     batches = _stream(shape, dtype, torch.Generator().manual_seed(shape[1]))
     assert len(batches) >= 30
@@ -498,7 +497,9 @@ def test_a_bracket_widened_to_its_limit_stays_exact(dtype):
 
 @settings(max_examples=200)
 @given(cases(), st.integers(2, 5), st.booleans(), st.sampled_from(["_bands", "_parts"]))
-def test_masks_split_between_threads_equal_the_tensor_op_path(case, threads, in_place, split):
+def test_masks_split_between_threads_equal_the_tensor_op_path(
+    same_bits, case, threads, in_place, split
+):
     # any batch, each matrix cut in 2-5 bands of block rows, or the batch in 2-5 runs of whole
     # matrices (for real, either needs 65,536 entries a thread)
     x, level, block, zeros, rule = case
