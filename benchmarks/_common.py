@@ -57,6 +57,18 @@ def rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process, all its threads (Linux /proc; None where
+    unavailable): what a DataLoader's worker processes spend, which the main process cannot
+    time itself."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table under a title line, ready to paste into the README."""
     cells = [[str(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]

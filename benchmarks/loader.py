@@ -10,22 +10,38 @@ figure. Loaders take turns epoch by epoch; the added time is the median of each 
 1x4 blocks, sparsity 0.5; "frozen" fits its mask in the main process first (mask over
 features), as a loader with workers needs. "bound" multiplies each collated batch in place by
 a ready mask of its shape: the least a masking collate can add on this machine.
+
+Beside wall time, the CPU each loader spends per batch, its main process and workers together
+(Linux /proc): the cost itself, which moves less than wall time on a shared VM.
+`--sharing-strategy file_system` runs every loader with torch's other way of handing batches
+to the main process (see the README).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
+import torch.multiprocessing
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefNorm
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import THREADS, paired_ratio, round_times, setup_threads, table  # noqa: E402
+from _common import (  # noqa: E402
+    THREADS,
+    cpu_seconds,
+    paired_ratio,
+    round_times,
+    setup_threads,
+    table,
+)
 
 from pipesparse import DataNormSparsifier  # noqa: E402
 from pipesparse.transforms import SparsifyCollate, SparsifyTransform  # noqa: E402
@@ -79,47 +95,84 @@ class BoundCollate:
         return default_collate(samples).mul_(self.mask)
 
 
-def loader(dataset: Dataset, collate_fn) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=BATCH,
-        shuffle=False,
-        num_workers=WORKERS,
-        collate_fn=collate_fn,
-        persistent_workers=True,
-        prefetch_factor=4,
-    )
+class WorkerPids:
+    """A worker_init_fn that records each worker's pid, so the run can read its CPU time."""
+
+    def __init__(self):
+        self.pids = multiprocessing.Array("i", WORKERS, lock=False)
+
+    def __call__(self, worker_id: int) -> None:
+        self.pids[worker_id] = os.getpid()
 
 
-def epoch(data_loader: DataLoader):
-    def run() -> None:
-        for _ in data_loader:
+class Loader:
+    """A DataLoader with 2 persistent workers, and the CPU it spends over the timed epochs."""
+
+    def __init__(self, dataset: Dataset, collate_fn):
+        self.workers = WorkerPids()
+        self.data_loader = DataLoader(
+            dataset,
+            batch_size=BATCH,
+            shuffle=False,
+            num_workers=WORKERS,
+            collate_fn=collate_fn,
+            persistent_workers=True,
+            prefetch_factor=4,
+            worker_init_fn=self.workers,
+        )
+        self.cpu = 0.0
+        self.batches = 0
+
+    def _total_cpu(self) -> float | None:
+        """CPU seconds of this process and of the workers; None before they started."""
+        workers = [cpu_seconds(pid) if pid else None for pid in self.workers.pids]
+        if None in workers:
+            return None
+        return time.process_time() + sum(workers)
+
+    def epoch(self) -> None:
+        start = self._total_cpu()  # None in the warm-up epoch, which starts the workers
+        for _ in self.data_loader:
             pass
+        end = self._total_cpu()
+        if start is not None and end is not None:
+            self.cpu += end - start
+            self.batches += len(self.data_loader)
 
-    return run
+    def cpu_per_batch(self) -> float | None:
+        return self.cpu / self.batches if self.batches else None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 epochs per loader")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
+    parser.add_argument(
+        "--sharing-strategy",
+        choices=torch.multiprocessing.get_all_sharing_strategies(),
+        default=torch.multiprocessing.get_sharing_strategy(),
+        help="how workers hand batches to the main process (torch.multiprocessing)",
+    )
     args = parser.parse_args(argv)
     threads = setup_threads(args.threads)
+    torch.multiprocessing.set_sharing_strategy(args.sharing_strategy)
     dataset = Rows(ROWS, FEATURES)
     frozen = SparsifyTransform(DataNormSparsifier(**CONFIG), update="frozen")
     frozen.fit(dataset.data[:BATCH])
     loaders = {
-        "plain": loader(dataset, default_collate),
-        "every": loader(dataset, SparsifyCollate(SparsifyTransform(DataNormSparsifier(**CONFIG)))),
-        "frozen": loader(dataset, SparsifyCollate(frozen)),
-        "bound": loader(dataset, BoundCollate(ready_mask(BATCH, FEATURES))),
-        "reference": loader(Subset(dataset, range(REFERENCE_ROWS)), ReferenceCollate()),
+        "plain": Loader(dataset, default_collate),
+        "every": Loader(dataset, SparsifyCollate(SparsifyTransform(DataNormSparsifier(**CONFIG)))),
+        "frozen": Loader(dataset, SparsifyCollate(frozen)),
+        "bound": Loader(dataset, BoundCollate(ready_mask(BATCH, FEATURES))),
+        "reference": Loader(Subset(dataset, range(REFERENCE_ROWS)), ReferenceCollate()),
     }
     repeats = 3 if args.quick else 15
-    times = round_times({name: epoch(dl) for name, dl in loaders.items()}, repeats)
+    times = round_times({name: ld.epoch for name, ld in loaders.items()}, repeats)
     per_batch = {
-        name: [seconds / len(loaders[name]) for seconds in times[name]] for name in loaders
+        name: [seconds / len(loaders[name].data_loader) for seconds in times[name]]
+        for name in loaders
     }
+    plain_cpu = loaders["plain"].cpu_per_batch()
     rows = []
     for label, name in (
         ("SparsifyCollate, every batch", "every"),
@@ -128,12 +181,19 @@ def main(argv: list[str] | None = None) -> None:
         ("torch.ao in collate_fn, every batch", "reference"),
     ):
         added = paired_ratio(per_batch[name], per_batch["plain"]) - 1
+        cpu = loaders[name].cpu_per_batch()
+        cpu_cells = (
+            [f"{1e6 * cpu:,.0f}", f"{1e6 * plain_cpu:,.0f}", f"{100 * (cpu / plain_cpu - 1):+.1f}%"]
+            if cpu and plain_cpu
+            else ["n/a"] * 3  # no /proc to read the workers' CPU from
+        )
         rows.append(
             [
                 label,
                 1 / statistics.median(per_batch[name]),
                 1 / statistics.median(per_batch["plain"]),
                 f"{100 * added:+.1f}%",
+                *cpu_cells,
             ]
         )
     title = (
@@ -142,9 +202,19 @@ def main(argv: list[str] | None = None) -> None:
         f"Batches/s over an epoch (median of {repeats} epochs). Baseline: the same loader with "
         "default_collate. Added wall time = time per batch / baseline time per batch - 1, the "
         "median over rounds of each round's pair (loaders take turns epoch by epoch) "
-        f"(torch.ao: first {REFERENCE_ROWS} rows only)."
+        f"(torch.ao: first {REFERENCE_ROWS} rows only). CPU: user + system time of the main "
+        "process and both workers over all timed epochs, per batch. Batches handed over by "
+        f"{args.sharing_strategy!r} (torch.multiprocessing sharing strategy)."
     )
-    header = ["collate", "batches/s", "baseline batches/s", "added wall time"]
+    header = [
+        "collate",
+        "batches/s",
+        "baseline batches/s",
+        "added wall time",
+        "CPU us/batch",
+        "baseline CPU us/batch",
+        "added CPU",
+    ]
     print(table(title, header, rows))
 
 
