@@ -1,0 +1,86 @@
+"""The benchmark scripts run in quick mode and print complete tables: a smoke test, so a change
+that breaks `make bench` fails here. No timing is asserted (figures vary with the machine)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str, timeout: int = 300) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """The data rows of the Markdown table in ``out``: first cell -> the other cells."""
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, out
+    width = lines[0].count("|")
+    assert all(line.count("|") == width for line in lines), out
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return {row[0]: row[1:] for row in cells}
+
+
+def number(cell: str) -> float:
+    """A figure as the scripts print it: ``7,393``, ``106x``, ``+21.8%``, ``54%``."""
+    value = float(cell.replace(",", "").rstrip("x%"))
+    assert math.isfinite(value), cell
+    return value
+
+
+def test_stream_prints_every_case_and_checks_the_masks():
+    out = run("stream.py", "--quick")
+    rows = table_rows(out)
+    assert set(rows) == {
+        f"{shape} {mode}"
+        for shape in ("256x1024", "1024x4096")
+        for mode in ("every batch", "frozen")
+    }
+    for cells in rows.values():
+        assert all(number(c) > 0 for c in cells), cells
+    assert "masks identical to torch.ao's: yes" in out
+
+
+@pytest.mark.parametrize("strategy", ["file_descriptor", "file_system"])
+def test_loader_prints_wall_time_and_cpu_for_every_collate(strategy):
+    out = run("loader.py", "--quick", "--sharing-strategy", strategy)
+    rows = table_rows(out)
+    assert list(rows) == [
+        "SparsifyCollate, every batch",
+        "SparsifyCollate, frozen",
+        "bound: default_collate + in-place multiply by a ready mask",
+        "torch.ao in collate_fn, every batch",
+    ]
+    for batches, baseline, added, cpu, baseline_cpu, added_cpu in rows.values():
+        assert number(batches) > 0 and number(baseline) > 0
+        number(added)
+        if sys.platform.startswith("linux"):  # the workers' CPU is read from /proc
+            assert number(cpu) > 0 and number(baseline_cpu) > 0
+            number(added_cpu)
+        else:
+            assert cpu == baseline_cpu == added_cpu == "n/a"
+    assert f"Batches handed over by {strategy!r}" in out
+
+
+def test_shards_prints_the_copy_and_both_local_cases():
+    rows = table_rows(run("shards.py", "--quick", "--no-ray"))
+    assert set(rows) == {
+        "pyarrow read + write copy (baseline)",
+        "preprocess, local, a mask per row",
+        "preprocess, local, frozen mask (--state)",
+    }
+    for cells in rows.values():
+        assert all(number(c) > 0 for c in cells), cells
