@@ -12,7 +12,7 @@ features), as a loader with workers needs. "bound" multiplies each collated batc
 a ready mask of its shape: the least a masking collate can add on this machine.
 
 Beside wall time, the CPU each loader spends per batch, its main process and workers together
-(Linux /proc): the cost itself, which moves less than wall time on a shared VM.
+(Linux /proc): the work itself, apart from the time the processes spend waiting on each other.
 `--sharing-strategy file_system` runs every loader with torch's other way of handing batches
 to the main process (see the README).
 """
