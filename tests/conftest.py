@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -63,6 +66,21 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def same_bits():
     """:func:`bits_equal` as a fixture."""
     return bits_equal
+
+
+def run_python(script: Path, *args: str, timeout: int = 180) -> str:
+    """Run ``script`` with this interpreter; its stdout, once it has exited with 0."""
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """:func:`run_python` as a fixture (the examples and benchmarks run as scripts)."""
+    return run_python
 
 
 @pytest.fixture

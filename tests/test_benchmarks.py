@@ -4,24 +4,12 @@ that breaks `make bench` fails here. No timing is asserted (figures vary with th
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def run(script: str, *args: str, timeout: int = 300) -> str:
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
 
 
 def table_rows(out: str) -> dict[str, list[str]]:
@@ -41,8 +29,8 @@ def number(cell: str) -> float:
     return value
 
 
-def test_stream_prints_every_case_and_checks_the_masks():
-    out = run("stream.py", "--quick")
+def test_stream_prints_every_case_and_checks_the_masks(run_script):
+    out = run_script(BENCHMARKS / "stream.py", "--quick", timeout=300)
     rows = table_rows(out)
     assert set(rows) == {
         f"{shape} {mode}"
@@ -55,8 +43,10 @@ def test_stream_prints_every_case_and_checks_the_masks():
 
 
 @pytest.mark.parametrize("strategy", ["file_descriptor", "file_system"])
-def test_loader_prints_wall_time_and_cpu_for_every_collate(strategy):
-    out = run("loader.py", "--quick", "--sharing-strategy", strategy)
+def test_loader_prints_wall_time_and_cpu_for_every_collate(strategy, run_script):
+    out = run_script(
+        BENCHMARKS / "loader.py", "--quick", "--sharing-strategy", strategy, timeout=300
+    )
     rows = table_rows(out)
     assert list(rows) == [
         "SparsifyCollate, every batch",
@@ -75,8 +65,8 @@ def test_loader_prints_wall_time_and_cpu_for_every_collate(strategy):
     assert f"Batches handed over by {strategy!r}" in out
 
 
-def test_shards_prints_the_copy_and_both_local_cases():
-    rows = table_rows(run("shards.py", "--quick", "--no-ray"))
+def test_shards_prints_the_copy_and_both_local_cases(run_script):
+    rows = table_rows(run_script(BENCHMARKS / "shards.py", "--quick", "--no-ray", timeout=300))
     assert set(rows) == {
         "pyarrow read + write copy (baseline)",
         "preprocess, local, a mask per row",

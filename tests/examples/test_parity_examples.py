@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,22 +10,14 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def run(name: str, timeout: int = 180) -> str:
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-def test_nm_sparsity():
-    out = run("nm_sparsity.py")
+def test_nm_sparsity(run_script):
+    out = run_script(EXAMPLES / "nm_sparsity.py")
     assert out.count("kept per group of 4 = [2], zeros 0.50") == 4
     assert "semi_structured on cpu: Tensor, warnings: 1" in out or "on cuda" in out
 
 
-def test_sparsity_schedule():
-    out = run("sparsity_schedule.py")
+def test_sparsity_schedule(run_script):
+    out = run_script(EXAMPLES / "sparsity_schedule.py")
     pairs = [
         tuple(map(float, m)) for m in re.findall(r"scheduled ([\d.]+), measured ([\d.]+)", out)
     ]
@@ -38,8 +28,8 @@ def test_sparsity_schedule():
     assert "scheduler state: {'last_epoch': 10, '_step_count': 11}" in out
 
 
-def test_embedding_sparse_quantize():
-    out = run("embedding_sparse_quantize.py")
+def test_embedding_sparse_quantize(run_script):
+    out = run_script(EXAMPLES / "embedding_sparse_quantize.py")
     zeros = re.findall(r"pipesparse ([\d.]+) / torch.ao ([\d.]+)", out)
     assert len(zeros) == 2
     for ours, reference in zeros:
@@ -49,9 +39,9 @@ def test_embedding_sparse_quantize():
     assert len(errors) == 2 and max(errors) < 0.05
 
 
-def test_lightning_callbacks():
+def test_lightning_callbacks(run_script):
     pytest.importorskip("lightning")
-    out = run("lightning_callbacks.py")
+    out = run_script(EXAMPLES / "lightning_callbacks.py")
     assert "trained model zeros: 0.00 (never modified)" in out
     assert "post-training copy: {'0_weight': 0.5, '2_weight': 0.5}" in out
     assert "training-aware copy: {'0_weight': 0.8, '2_weight': 0.75}" in out

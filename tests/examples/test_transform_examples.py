@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def run(name: str) -> str:
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=180
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-def test_collate_hook():
-    out = run("collate_hook.py")
+def test_collate_hook(run_script):
+    out = run_script(EXAMPLES / "collate_hook.py")
     assert out.count("kept 0.50") == 4
     assert "dropped features after re-fit: [4, 5, 6, 7, 8, 9, 10, 11]" in out
 
 
-def test_hf_map():
-    out = run("hf_map.py")
+def test_hf_map(run_script):
+    out = run_script(EXAMPLES / "hf_map.py")
     for line in (
         "features kept: True",
         "zeros: 0.50, dtype float32, labels kept: True",
@@ -35,7 +25,7 @@ def test_hf_map():
         assert line in out
 
 
-def test_torchdata_nodes():
-    out = run("torchdata_nodes.py")
+def test_torchdata_nodes(run_script):
+    out = run_script(EXAMPLES / "torchdata_nodes.py")
     assert "10 batches, identical to an uninterrupted run: True" in out
     assert "node state keys: ['source', 'transform']" in out
