@@ -45,7 +45,7 @@ import torch
 from pipesparse.sparsifiers._bits import float_bits, trailing_zeros
 from pipesparse.sparsifiers._scratch import scratch
 
-__all__ = ["supports", "write_mask"]
+__all__ = ["matrix_shape", "supports", "write_mask"]
 
 _DIGIT_BITS = 12
 # signed keys holding the bits without the sign: numba turns uint64 mixed with int64 into float
@@ -784,8 +784,24 @@ def _joined(height: int, width: int, block: tuple[int, int]) -> tuple[int, int]:
     return height // join, width * join
 
 
+def matrix_shape(shape: torch.Size) -> tuple[int, int]:
+    """(H, W) of the matrices of data of this shape: its last two dims (1-D: one row, 0-D: one
+    entry); leading dims are a batch of them."""
+    return ((1, 1) + tuple(shape))[-2:]
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor``'s memory as a C-contiguous numpy array: a view unless it had to be copied.
+    No tensor op where none is needed: each costs microseconds in a DataLoader worker."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return tensor.numpy()
+
+
 def write_mask(
-    matrices: torch.Tensor,
+    data: torch.Tensor,
     mask: torch.Tensor,
     k: int,
     block: tuple[int, int],
@@ -793,52 +809,51 @@ def write_mask(
     norm: str,
     out: torch.Tensor | None = None,
 ) -> bool:
-    """Write the mask of (B, H, W) ``matrices`` into ``mask`` (same shape, contiguous; see
-    :func:`supports`): in each matrix the ``k`` (>= 1) blocks of lowest mean norm are dropped,
+    """Write the mask of ``data`` into ``mask`` (same shape, contiguous; see :func:`supports`):
+    the last two dims of ``data`` are a matrix (1-D: one row, 0-D: one entry), leading dims a
+    batch of them; in each matrix the ``k`` (>= 1) blocks of lowest mean norm are dropped,
     ``zeros`` entries of each (all when ``zeros`` covers the block).
 
-    With ``out`` (the shape of ``matrices``), ``matrices * mask`` is written there in the same
-    pass as the mask, when it can be (True; False: nothing was written to ``out``): whole
-    blocks dropped, float32 or float64 data, ``out`` contiguous in the data's dtype. ``out``
-    may be ``matrices`` itself (masked in place) or must not overlap it.
+    With ``out`` (the shape of ``data``), ``data * mask`` is written there in the same pass as
+    the mask, when it can be (True; False: nothing was written to ``out``): whole blocks
+    dropped, float32 or float64 data, ``out`` contiguous in the data's dtype. ``out`` may be
+    ``data`` itself (masked in place) or must not overlap it.
 
     float16, bfloat16 and integer data are ranked in float32, as the tensor-op path ranks
     them. A mask of another dtype than the (ranked) data's, other than a one-byte one, is
     written through a byte buffer."""
-    matrices = matrices.detach()
     fused = (
         out is not None
         and zeros >= block[0] * block[1]
-        and matrices.dtype in _KEY_TYPES
-        and out.dtype == matrices.dtype
-        and out.shape == matrices.shape
+        and data.dtype in _KEY_TYPES
+        and out.dtype == data.dtype
+        and out.shape == data.shape
         and out.is_cpu
         and out.is_contiguous()
     )
-    if matrices.dtype not in _KEY_TYPES:
-        matrices = matrices.float()
-    height, width = _joined(*matrices.shape[1:], block)
-    x = matrices.contiguous().numpy().reshape(-1, height, width)
-    in_place = fused and out.data_ptr() == matrices.data_ptr()
-    product = x if in_place else out.detach().numpy().reshape(x.shape) if fused else None
-    if mask.dtype == matrices.dtype or mask.dtype in _BYTE_MASKS:
-        target = mask if mask.dtype == matrices.dtype else mask.view(torch.uint8)
+    in_place = fused and out.data_ptr() == data.data_ptr()
+    ranked = data if data.dtype in _KEY_TYPES else data.detach().float()
+    height, width = _joined(*matrix_shape(data.shape), block)
+    x = _array(ranked).reshape(-1, height, width)
+    product = x if in_place else _array(out).reshape(x.shape) if fused else None
+    if mask.dtype == ranked.dtype or mask.dtype in _BYTE_MASKS:
+        target = mask if mask.dtype == ranked.dtype else mask.view(torch.uint8)
     else:
         target = scratch("kernel_mask", tuple(mask.shape), torch.uint8)
-    target_array = target.detach().view(-1, height, width).numpy()
+    target_array = _array(target).reshape(x.shape)
     l2 = norm == "L2"
     bands = _bands(height, width)
     parts = 1 if bands > 1 else _parts(x.shape[0], height, width)
     if parts > 1:
-        runs = _buffers(height, width, matrices.dtype, block, parts)
+        runs = _buffers(height, width, ranked.dtype, block, parts)
         _masks_in_parts(x, l2, *block, k, zeros, target_array, runs, product, in_place)
     else:
-        buffers = _buffers(height, width, matrices.dtype, block)
+        buffers = _buffers(height, width, ranked.dtype, block)
         args = (x, l2, *block, k, zeros, target_array, buffers, product, in_place)
         if bands > 1:
             _masks_in_bands(*args, bands)
         else:
             _masks(*args)
-    if target.data_ptr() != mask.data_ptr():
+    if target is not mask and target.data_ptr() != mask.data_ptr():
         mask.copy_(target)
     return fused

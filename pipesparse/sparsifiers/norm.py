@@ -37,11 +37,7 @@ _SAMPLES: dict[tuple[int, int, str], torch.Tensor] = {}
 
 def _as_matrices(data: torch.Tensor) -> torch.Tensor:
     """(B, H, W) view: last two dims the matrix, leading dims flattened into B."""
-    if data.dim() == 0:
-        return data.reshape(1, 1, 1)
-    if data.dim() == 1:
-        return data.reshape(1, 1, -1)
-    return data.reshape(-1, data.shape[-2], data.shape[-1])
+    return data.reshape(-1, *_norm_kernel.matrix_shape(data.shape))
 
 
 def _elementwise_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
@@ -348,10 +344,7 @@ class DataNormSparsifier(BaseDataSparsifier):
             mask.fill_(1)
             return False
         if _norm_kernel.supports(data, mask, block, zeros):
-            # a contiguous out reshapes to a view: what the kernel writes lands in out
-            product = _as_matrices(out) if out is not None and out.is_contiguous() else None
-            matrices = _as_matrices(data)
-            return _norm_kernel.write_mask(matrices, mask, k, block, zeros, self.norm, product)
+            return _norm_kernel.write_mask(data, mask, k, block, zeros, self.norm, out)
         self._write_with_tensor_ops(mask, data, k, block, zeros)
         return False
 

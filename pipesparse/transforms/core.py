@@ -228,7 +228,8 @@ class SparsifyTransform:
         and masks over the batch, the step also writes the masked batch (a rule may do it in
         the pass that writes the mask): returned by name, for the entries it covers."""
         sparsifier = self.sparsifier
-        private = self.persistent or self._mask_pid == os.getpid()
+        pid = os.getpid()
+        private = self.persistent or self._mask_pid == pid
         products = {}
         for name, tensor in zip(names, tensors, strict=True):
             data = self._summary(name, tensor) if self.mask_over == "features" else tensor
@@ -245,7 +246,7 @@ class SparsifyTransform:
         if self.persistent:
             self.share_memory()
         else:  # every_batch masks are private to a process: workers must not write into
-            self._mask_pid = os.getpid()  # the (shared) storage of the parent's masks
+            self._mask_pid = pid  # the (shared) storage of the parent's masks
         return products
 
     def _slot(self, name: str, data: torch.Tensor) -> torch.Tensor:
@@ -268,7 +269,8 @@ class SparsifyTransform:
             return False
         if slot.shape != data.shape or slot.device != data.device:
             return False
-        slot.set_(data.detach())  # no autograd on either side: no no_grad needed (~15 us)
+        # no autograd on either side: no no_grad needed (~15 us in a DataLoader worker)
+        slot.set_(data.detach() if data.requires_grad else data)
         return True
 
     def _summary(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

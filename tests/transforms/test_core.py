@@ -237,6 +237,8 @@ def test_batch_without_float_entries_is_returned_as_is():
     transform = SparsifyTransform(norm())
     batch = {"ids": torch.arange(3), "text": ["a"]}
     assert transform(batch) is batch
+    ids = torch.arange(8)  # a bare tensor batch too
+    assert transform(ids) is ids and transform.apply_in_place(ids) is ids
 
 
 def test_numpy_entries_stay_numpy_unless_asked():
