@@ -56,8 +56,6 @@ def select(batch: Any, keys: tuple[Any, ...] | None) -> list[tuple[Path, Any]]:
     """``(path, entry)`` of the entries to sparsify: the top-level ``keys`` of the batch, or
     every floating tensor / array anywhere in it when ``keys`` is None."""
     if keys is None:
-        if isinstance(batch, torch.Tensor):  # a collate hook's usual batch: nothing to walk
-            return [((), batch)] if batch.is_floating_point() else []
         found: list[tuple[Path, Any]] = []
         _collect(batch, (), found)
         return found
@@ -92,8 +90,6 @@ def select(batch: Any, keys: tuple[Any, ...] | None) -> list[tuple[Path, Any]]:
 def replace(batch: Any, new: dict[Path, Any]) -> Any:
     """``batch`` with the entry at each path of ``new`` replaced; untouched branches are the
     original objects."""
-    if () in new:  # the batch itself was the entry
-        return new[()]
     prefixes = {path[:i] for path in new for i in range(len(path))}
     return _rebuild(batch, (), new, prefixes)
 
