@@ -18,7 +18,7 @@ from torch import nn
 
 from pipesparse.errors import CorruptStateError, UnknownDataError
 
-__all__ = ["BaseDataSparsifier", "STATE_FORMAT", "apply_mask", "mask_like"]
+__all__ = ["BaseDataSparsifier", "STATE_FORMAT", "apply_mask", "data_names", "mask_like"]
 
 STATE_FORMAT = "pipesparse.data_sparsifier/1"
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
@@ -57,6 +57,23 @@ def _check_name(name: Any) -> None:
         raise TypeError(f"data name must be a str, got {type(name).__name__}")
     if not name or "." in name:
         raise ValueError(f"invalid data name {name!r}: it must be a non-empty string without '.'")
+
+
+def data_names(qualified: Iterable[str]) -> list[str]:
+    """Data names for qualified module or parameter names, spelled as torch.ao spells them
+    ("linears.0.weight" -> "linears_0_weight") and made unique by a number where two would be
+    spelled alike ("a.b_c" and "a_b.c"): one name each, so no data replaces another's."""
+    names: list[str] = []
+    used: set[str] = set()
+    for fqn in qualified:
+        base = name = fqn.replace(".", "_")
+        number = 1
+        while name in used:
+            name = f"{base}_{number}"
+            number += 1
+        used.add(name)
+        names.append(name)
+    return names
 
 
 def apply_mask(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ except ImportError as err:  # pragma: no cover - exercised by hiding the module 
         "pipesparse.lightning needs Lightning; install the extra: pip install 'pipesparse[lightning]'"
     ) from err
 
-from pipesparse.base import BaseDataSparsifier
+from pipesparse.base import BaseDataSparsifier, data_names
+from pipesparse.errors import CorruptStateError
 from pipesparse.scheduler import BaseDataScheduler
 
 __all__ = ["PostTrainingDataSparsity", "TrainingAwareDataSparsity"]
@@ -32,11 +33,6 @@ __all__ = ["PostTrainingDataSparsity", "TrainingAwareDataSparsity"]
 logger = logging.getLogger(__name__)
 
 ParameterFilter = Callable[[str, nn.Parameter], bool]
-
-
-def _valid_name(name: str) -> str:
-    """Parameter name as a sparsifier name ("linears.0.weight" -> "linears_0_weight")."""
-    return name.replace(".", "_")
 
 
 def _model_of(pl_module: Any, hook: str) -> nn.Module:
@@ -51,9 +47,9 @@ def _model_of(pl_module: Any, hook: str) -> nn.Module:
 
 def _attach(model: nn.Module, sparsifier: BaseDataSparsifier, keep: ParameterFilter | None) -> None:
     """Register every (selected) parameter of ``model`` with ``sparsifier``."""
-    for name, parameter in model.named_parameters():
-        if keep is None or keep(name, parameter):
-            sparsifier.add_data(_valid_name(name), parameter)
+    chosen = [(n, p) for n, p in model.named_parameters() if keep is None or keep(n, p)]
+    for name, (_, parameter) in zip(data_names(n for n, _ in chosen), chosen, strict=True):
+        sparsifier.add_data(name, parameter)
 
 
 def _sparsity_levels(sparsifier: BaseDataSparsifier) -> dict[str, float]:
@@ -128,6 +124,8 @@ class TrainingAwareDataSparsity(pl.Callback):
         data_scheduler_args: its constructor arguments (without ``data_sparsifier``).
         parameters: ``(name, parameter) -> bool`` choosing the parameters to sparsify; None:
             all of them, as the reference.
+        name: tells several of these callbacks in one Trainer apart (Lightning saves each
+            one's state in checkpoints under its own key, and refuses two with the same key).
     """
 
     def __init__(
@@ -137,6 +135,7 @@ class TrainingAwareDataSparsity(pl.Callback):
         data_scheduler_class: type[BaseDataScheduler],
         data_scheduler_args: Mapping[str, Any],
         parameters: ParameterFilter | None = None,
+        name: str | None = None,
     ):
         super().__init__()
         _check_class(data_sparsifier_class, BaseDataSparsifier, "data_sparsifier_class")
@@ -146,12 +145,22 @@ class TrainingAwareDataSparsity(pl.Callback):
         self.data_scheduler_class = data_scheduler_class
         self.data_scheduler_args = dict(data_scheduler_args)
         self.parameters = parameters
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+        self.name = name
         self.data_sparsifier: BaseDataSparsifier | None = None
         self.data_scheduler: BaseDataScheduler | None = None
         self.sparsified: nn.Module | None = None
         self.data_sparsifier_state_dict: dict[str, Any] | None = None
         self.sparsity_levels: dict[str, float] = {}
         self._restored: Mapping[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: the class name, with ``name``."""
+        if self.name is None:
+            return super().state_key
+        return self._generate_state_key(name=self.name)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.data_sparsifier = self.data_sparsifier_class(**self.data_sparsifier_args)
@@ -192,4 +201,17 @@ class TrainingAwareDataSparsity(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpoint's state until ``on_train_start`` has built the objects."""
+        if not isinstance(state_dict, Mapping):
+            raise CorruptStateError(
+                f"{self.state_key} checkpoint state must be a dict, got {type(state_dict).__name__}"
+            )
+        if state_dict:
+            keys = ("data_sparsifier", "data_scheduler")
+            missing = [key for key in keys if not isinstance(state_dict.get(key), Mapping)]
+            unknown = sorted(set(state_dict) - set(keys))
+            if missing or unknown:
+                raise CorruptStateError(
+                    f"{self.state_key} checkpoint state needs dicts under {list(keys)}: missing "
+                    f"or not a dict {missing}, unknown keys {unknown}"
+                )
         self._restored = state_dict or None

@@ -67,6 +67,16 @@ def plot_masks(masks: Mapping[str, torch.Tensor], path: str | Path, title: str =
     return _save(plt, fig, path, title)
 
 
+def _sample_colors(samples: torch.Tensor) -> dict[str, object]:
+    """imshow's colours for a line of samples: 0 white in both, so pruned entries show; gray
+    up to the largest value, or, when some are negative, blue below 0 and red above (gray
+    from 0 would draw a negative value as white as a pruned one)."""
+    scale = float(samples.detach().abs().max()) or 1.0
+    if bool((samples.detach() < 0).any()):
+        return {"cmap": "RdBu_r", "vmin": -scale, "vmax": scale}
+    return {"cmap": "gray_r", "vmin": 0, "vmax": scale}
+
+
 def plot_samples(
     rows: Sequence[tuple[str, torch.Tensor]], path: str | Path, title: str = ""
 ) -> Path:
@@ -74,15 +84,13 @@ def plot_samples(
     count = max(len(samples) for _, samples in rows)
     plt, fig, axes = _figure(len(rows), count, size=1.4)
     for line, (label, samples) in enumerate(rows):
-        scale = float(samples.detach().abs().max()) or 1.0
+        colors = _sample_colors(samples)
         for col in range(count):
             ax = axes[line][col]
             if col < len(samples):
                 image = _image(samples[col])
                 aspect = "auto" if image.shape[0] == 1 else "equal"
-                ax.imshow(
-                    image, cmap="gray_r", vmin=0, vmax=scale, aspect=aspect, interpolation="nearest"
-                )
+                ax.imshow(image, aspect=aspect, interpolation="nearest", **colors)
             else:
                 ax.axis("off")
         axes[line][0].set_ylabel(label, fontsize=8)

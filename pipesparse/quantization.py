@@ -10,14 +10,15 @@ and the packed embedding kernels' ``q * scale + bias`` cancels to exactly 0.0 to
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.ao.nn import quantized as nnq
 
-from pipesparse.base import BaseDataSparsifier
+from pipesparse.base import BaseDataSparsifier, data_names
 
-__all__ = ["QuantizedMeanEmbeddingBag", "post_training_sparse_quantize", "quantize_zero_exact"]
+__all__ = ["QuantizedEmbeddingBag", "post_training_sparse_quantize", "quantize_zero_exact"]
 
 _SUPPORTED = (nn.Embedding, nn.EmbeddingBag)
 _QMAX = 255  # torch.quint8
@@ -39,10 +40,15 @@ def quantize_zero_exact(weight: torch.Tensor) -> torch.Tensor:
     return torch.quantize_per_channel(w, scale.double(), zero_point, axis=0, dtype=torch.quint8)
 
 
-class QuantizedMeanEmbeddingBag(nnq.EmbeddingBag):
-    """A quantized ``mode="mean"`` EmbeddingBag. The quantized kernel always sums, so torch.ao's
-    conversion silently turns a mean bag into a sum; this divides by each bag's size (an empty
-    bag gives zeros, as in ``nn.EmbeddingBag``)."""
+class QuantizedEmbeddingBag(nnq.EmbeddingBag):
+    """A quantized EmbeddingBag that reduces as ``nn.EmbeddingBag`` does where torch.ao's
+    conversion does not: the quantized kernel only sums, so ``mode="mean"`` is divided by each
+    bag's size here (an empty bag gives zeros), and entries at ``padding_idx`` are left out of
+    the sum and of the size (the kernel would add them in)."""
+
+    def __init__(self, *args: Any, padding_idx: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.padding_idx = padding_idx
 
     def forward(  # type: ignore[override]
         self,
@@ -51,18 +57,35 @@ class QuantizedMeanEmbeddingBag(nnq.EmbeddingBag):
         per_sample_weights: torch.Tensor | None = None,
         compressed_indices_mapping: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if per_sample_weights is not None:
+        if per_sample_weights is not None and self.mode != "sum":
             raise ValueError("per_sample_weights needs an EmbeddingBag with mode='sum'")
         if indices.dim() == 2:  # one bag per row, as in nn.EmbeddingBag
             rows, width = indices.shape
             offsets = torch.arange(0, rows * width + 1, max(width, 1), device=indices.device)
             offsets = offsets[: rows + self.include_last_offset]
             indices = indices.reshape(-1)
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.reshape(-1)
         if offsets is None:
             raise ValueError("1-D indices need offsets (the start of each bag)")
-        out = super().forward(indices, offsets, None, compressed_indices_mapping)
-        ends = torch.cat([offsets[1:], offsets.new_tensor([indices.numel()])])
-        sizes = (offsets[1:] - offsets[:-1]) if self.include_last_offset else ends - offsets
+        kept = None if self.padding_idx is None else indices != self.padding_idx
+        if kept is not None:  # a weight of 0 leaves an entry out, 1 keeps it as it is
+            ones = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
+            per_sample_weights = (ones if per_sample_weights is None else per_sample_weights) * kept
+        out = super().forward(indices, offsets, per_sample_weights, compressed_indices_mapping)
+        if self.mode != "mean":
+            return out
+        starts = offsets[:-1] if self.include_last_offset else offsets
+        ends = (
+            offsets[1:]
+            if self.include_last_offset
+            else torch.cat([offsets[1:], offsets.new_tensor([indices.numel()])])
+        )
+        if kept is None:
+            sizes = ends - starts
+        else:  # kept entries before each offset, by a running count
+            counted = torch.cat([kept.new_zeros(1, dtype=torch.int64), kept.cumsum(0)])
+            sizes = counted[ends] - counted[starts]
         return out / sizes.clamp(min=1).unsqueeze(1).to(out.dtype)
 
 
@@ -116,22 +139,14 @@ def _check_modes(
     return embeddings
 
 
-def _data_names(embeddings: list[tuple[nn.Module, list[str]]]) -> list[str]:
-    """Sparsifier names as the reference spells them ("emb_seq.0" -> "emb_seq_0"), made unique."""
-    names: list[str] = []
-    for _, fqns in embeddings:
-        name = fqns[0].replace(".", "_")
-        names.append(name if name not in names else f"{name}_{len(names)}")
-    return names
-
-
 def _quantized_module(module: nn.Module, qweight: torch.Tensor) -> nn.Module:
     """The module torch.ao's ``convert`` would put in place of ``module``, holding ``qweight``."""
     if type(module) is nn.Embedding:
         qmodule = nnq.Embedding(module.num_embeddings, module.embedding_dim, dtype=torch.quint8)
     else:
-        bag_class = QuantizedMeanEmbeddingBag if module.mode == "mean" else nnq.EmbeddingBag
-        qmodule = bag_class(
+        plain = module.mode == "sum" and module.padding_idx is None
+        extra = {} if plain else {"padding_idx": module.padding_idx}
+        qmodule = (nnq.EmbeddingBag if plain else QuantizedEmbeddingBag)(
             module.num_embeddings,
             module.embedding_dim,
             max_norm=module.max_norm,
@@ -141,6 +156,7 @@ def _quantized_module(module: nn.Module, qweight: torch.Tensor) -> nn.Module:
             sparse=module.sparse,
             include_last_offset=module.include_last_offset,
             dtype=torch.quint8,
+            **extra,
         )
     qmodule.set_weight(qweight)
     return qmodule
@@ -180,7 +196,7 @@ def post_training_sparse_quantize(
         )
     embeddings = _embeddings(model, select_embeddings)
     sparsifier = data_sparsifier_class(**sparse_config)
-    names = _data_names(embeddings)
+    names = data_names(fqns[0] for _, fqns in embeddings)
 
     if sparsify_first:
         for name, (module, _) in zip(names, embeddings, strict=True):

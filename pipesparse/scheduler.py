@@ -23,6 +23,24 @@ __all__ = ["BaseDataScheduler", "CubicSparsityScheduler", "LinearSparsitySchedul
 
 _NOT_STATE = ("data_sparsifier", "_sparsifier_steps_at_start")
 _REQUIRED_STATE = ("last_epoch", "_step_count", "base_param", "_last_param", "schedule_param")
+# what each saved attribute must be: a state that passes the key check but not this would only
+# fail later, in a step, with the earlier state already gone
+_STATE_TYPES: dict[str, type] = {
+    "last_epoch": int,
+    "_step_count": int,
+    "base_param": dict,
+    "_last_param": dict,
+    "schedule_param": str,
+    "verbose": bool,
+    "_get_sp_called_within_step": bool,
+}
+
+
+def _check_type(key: str, value: Any, expected: type) -> None:
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise CorruptStateError(
+            f"scheduler state_dict has {key}={value!r}; expected {expected.__name__}"
+        )
 
 
 class BaseDataScheduler:
@@ -52,6 +70,12 @@ class BaseDataScheduler:
         if not isinstance(schedule_param, str):
             raise TypeError(
                 f"schedule_param must be a config key (str), got {type(schedule_param).__name__}"
+            )
+        known = set(data_sparsifier.defaults).union(*data_sparsifier.data_groups.values())
+        if schedule_param not in known:
+            raise ValueError(
+                f"schedule_param {schedule_param!r} is not a config key of "
+                f"{type(data_sparsifier).__name__}; its keys: {', '.join(sorted(known)) or 'none'}"
             )
         self.data_sparsifier = data_sparsifier
         self.schedule_param = schedule_param
@@ -140,7 +164,19 @@ class BaseDataScheduler:
                 f"not a {type(self).__name__} state_dict: missing keys {missing}, "
                 f"unknown keys {unknown}"
             )
+        self._check_state(state_dict)
         self.__dict__.update(state_dict)
+
+    def _check_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Raise :class:`CorruptStateError` for a value of the wrong type or range."""
+        for key, expected in _STATE_TYPES.items():
+            if key in state_dict:
+                _check_type(key, state_dict[key], expected)
+        if state_dict["last_epoch"] < -1 or state_dict["_step_count"] < 0:
+            raise CorruptStateError(
+                f"scheduler state_dict has last_epoch={state_dict['last_epoch']} and "
+                f"_step_count={state_dict['_step_count']}; expected >= -1 and >= 0"
+            )
 
     def __repr__(self) -> str:
         return (
@@ -184,8 +220,14 @@ class _RampScheduler(BaseDataScheduler):
 
     def level_at(self, step: int) -> float:
         """The scheduled value after ``step`` steps."""
-        progress = min(max(step, 0), self.total_steps) / self.total_steps
-        return self.init_level + (self.final_level - self.init_level) * self._shape(progress)
+        return self._level(self.__dict__, step)
+
+    def _level(self, state: Mapping[str, Any], step: int) -> float:
+        """:meth:`level_at` for the ramp of ``state`` (this scheduler's attributes or a
+        state_dict's)."""
+        progress = min(max(step, 0), state["total_steps"]) / state["total_steps"]
+        init, final = state["init_level"], state["final_level"]
+        return init + (final - init) * self._shape(progress)
 
     def get_schedule_param(self) -> dict[str, float]:
         level = self.level_at(self.last_epoch)
@@ -204,6 +246,35 @@ class _RampScheduler(BaseDataScheduler):
             ) from None
         super().step()
         defaults[self.schedule_param] = level
+
+    def _check_state(self, state_dict: Mapping[str, Any]) -> None:
+        super()._check_state(state_dict)
+        state = {**self.__dict__, **state_dict}
+        for key in ("init_level", "final_level"):
+            if not isinstance(state[key], float) or not math.isfinite(state[key]):
+                raise CorruptStateError(
+                    f"scheduler state_dict has {key}={state[key]!r}; expected a finite float"
+                )
+        _check_type("total_steps", state["total_steps"], int)
+        if state["total_steps"] < 1:
+            raise CorruptStateError(
+                f"scheduler state_dict has total_steps={state['total_steps']}; expected >= 1"
+            )
+        level = self._level(state, state["last_epoch"])
+        try:
+            self.data_sparsifier._validate_config(
+                {**self.data_sparsifier.defaults, state["schedule_param"]: level}
+            )
+        except (TypeError, ValueError) as err:
+            raise CorruptStateError(
+                f"scheduler state_dict sets {state['schedule_param']}={level!r}: {err}"
+            ) from None
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Also put the restored step's level into the sparsifier's defaults (as :meth:`step`
+        does), so data registered after a resume starts from it."""
+        super().load_state_dict(state_dict)
+        self.data_sparsifier.defaults[self.schedule_param] = self.level_at(self.last_epoch)
 
 
 class LinearSparsityScheduler(_RampScheduler):

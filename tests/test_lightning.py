@@ -16,6 +16,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from pipesparse import (  # noqa: E402
     BaseDataScheduler,
+    CorruptStateError,
     DataNormSparsifier,
     LinearSparsityScheduler,
     NMSparsifier,
@@ -163,6 +164,68 @@ def test_training_aware_resumes_the_schedule_from_a_checkpoint(tmp_path):
     assert resumed.sparsity_levels["0_weight"] == pytest.approx(0.5)
 
 
+def test_two_named_training_aware_callbacks_resume_each_its_own_schedule(tmp_path):
+    def callbacks():
+        return [
+            TrainingAwareDataSparsity(
+                DataNormSparsifier,
+                SPARSIFIER_ARGS,
+                LinearSparsityScheduler,
+                {"init_level": 0.0, "final_level": final, "total_steps": 3},
+                parameters=lambda name, p, layer=layer: name.startswith(layer),
+                name=layer,
+            )
+            for layer, final in (("0.", 0.75), ("2.", 0.375))
+        ]
+
+    first = callbacks()
+    trainer = _trainer(max_epochs=2, callbacks=first, default_root_dir=tmp_path)
+    trainer.fit(Tiny(), _loader())
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    resumed = callbacks()
+    _trainer(max_epochs=3, callbacks=resumed, default_root_dir=tmp_path).fit(
+        Tiny(), _loader(), ckpt_path=tmp_path / "two.ckpt"
+    )
+    assert set(resumed[0].data_sparsifier.data_groups) == {"0_weight", "0_bias"}
+    assert set(resumed[1].data_sparsifier.data_groups) == {"2_weight", "2_bias"}
+    assert resumed[0].sparsity_levels["0_weight"] == pytest.approx(0.5)  # 2/3 of 0.75
+    assert resumed[1].sparsity_levels["2_weight"] == pytest.approx(0.25)  # 2/3 of 0.375
+    with pytest.raises(RuntimeError, match="state_key"):  # unnamed: Lightning refuses the pair
+        _trainer(callbacks=[TrainingAwareDataSparsity(*cb_args()) for _ in range(2)])
+
+
+def cb_args():
+    return (DataNormSparsifier, SPARSIFIER_ARGS, LinearSparsityScheduler, {"total_steps": 2})
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        [1],
+        {"data_sparsifier": {}},
+        {"data_sparsifier": {}, "data_scheduler": None},
+        {"data_sparsifier": {}, "data_scheduler": {}, "extra": 1},
+    ],
+)
+def test_training_aware_refuses_a_corrupt_checkpoint_state(state):
+    callback = TrainingAwareDataSparsity(*cb_args())
+    with pytest.raises(CorruptStateError, match="TrainingAwareDataSparsity"):
+        callback.load_state_dict(state)
+    callback.on_train_start(None, Tiny())  # nothing was kept: a fresh start
+    assert callback.data_scheduler.last_epoch == 0
+
+
+def test_parameters_whose_names_collide_are_all_sparsified():
+    model = nn.Module()
+    model.a = nn.ModuleDict({"b_c": nn.Linear(8, 8, bias=False)})
+    model.a_b = nn.ModuleDict({"c": nn.Linear(8, 8, bias=False)})
+    callback = PostTrainingDataSparsity(DataNormSparsifier, SPARSIFIER_ARGS)
+    callback.on_fit_end(None, SimpleNamespace(model=model))
+    assert set(callback.data_sparsifier.data_groups) == {"a_b_c_weight", "a_b_c_weight_1"}
+    for _, weight in callback.sparsified.named_parameters():
+        assert (weight == 0).float().mean() == pytest.approx(0.5)
+
+
 class StepLevel(BaseDataScheduler):
     """The reference test's StepSLScheduler shape: multiply the level by gamma every step."""
 
@@ -222,6 +285,8 @@ def test_bad_arguments():
         PostTrainingDataSparsity(DataNormSparsifier(), {})
     with pytest.raises(TypeError, match="data_scheduler_class"):
         TrainingAwareDataSparsity(DataNormSparsifier, {}, object, {})
+    with pytest.raises(TypeError, match="name must be a str"):
+        TrainingAwareDataSparsity(*cb_args(), name=1)
     callback = PostTrainingDataSparsity(DataNormSparsifier, {})
     with pytest.raises(ValueError, match="pl_module.model"):
         callback.on_fit_end(None, SimpleNamespace(net=nn.Linear(4, 4)))

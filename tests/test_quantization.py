@@ -16,7 +16,7 @@ from torch.ao.pruning._experimental.data_sparsifier.quantization_utils import (
 )
 
 from pipesparse import DataNormSparsifier, NMSparsifier, post_training_sparse_quantize
-from pipesparse.quantization import QuantizedMeanEmbeddingBag, quantize_zero_exact
+from pipesparse.quantization import QuantizedEmbeddingBag, quantize_zero_exact
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 CONFIG = {"sparsity_level": 0.8, "sparse_block_shape": (1, 1)}
@@ -51,7 +51,7 @@ def test_sparsify_first_selected_embeddings_only():
     )
     assert returned is model
     assert type(model.emb1) is nnq.Embedding
-    assert type(model.embbag1) is QuantizedMeanEmbeddingBag  # a mode="mean" bag
+    assert type(model.embbag1) is QuantizedEmbeddingBag  # a mode="mean" bag
     assert type(model.emb_seq[0]) is nn.Embedding
     assert type(model.emb_seq[1]) is nn.EmbeddingBag
     assert type(model.linear1) is nn.Linear and type(model.linear2) is nn.Linear
@@ -196,6 +196,34 @@ def test_mean_bags_average_where_the_reference_sums(include_last_offset):
     torch.testing.assert_close(bags[0](two_d), expected[0](two_d), atol=step, rtol=0)
 
 
+@pytest.mark.parametrize("include_last_offset", [False, True])
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_padding_entries_are_left_out_of_bags(mode, include_last_offset):
+    bags = nn.Sequential(
+        nn.EmbeddingBag(6, 4, mode=mode, padding_idx=0, include_last_offset=include_last_offset)
+    )
+    with torch.no_grad():
+        bags[0].weight[0] = 3.0  # a padding row that is not zero: still left out
+    expected = copy.deepcopy(bags)
+    post_training_sparse_quantize(bags, DataNormSparsifier, sparsity_level=0.0)
+    assert type(bags[0]) is QuantizedEmbeddingBag and bags[0].padding_idx == 0
+    indices = torch.tensor([0, 1, 2, 0, 0, 3, 0])
+    offsets = torch.tensor([0, 3, 5, 7]) if include_last_offset else torch.tensor([0, 3, 5])
+    want = expected[0](indices, offsets)  # bags of 2, 0 (all padding) and 1 kept rows
+    step = bags[0].weight().q_per_channel_scales().max().item()
+    torch.testing.assert_close(bags[0](indices, offsets), want, atol=step, rtol=0)
+    two_d = torch.tensor([[0, 1, 2], [4, 0, 0]])
+    torch.testing.assert_close(bags[0](two_d), expected[0](two_d), atol=step, rtol=0)
+    if mode == "sum":
+        weights = torch.tensor([0.5, 2.0, -1.0, 1.0, 4.0, 0.25, 3.0])
+        torch.testing.assert_close(
+            bags[0](indices, offsets, per_sample_weights=weights),
+            expected[0](indices, offsets, per_sample_weights=weights),
+            atol=4 * step,
+            rtol=0,
+        )
+
+
 def test_max_bags_are_refused_before_anything_changes():
     model = nn.Sequential(nn.Embedding(5, 4), nn.EmbeddingBag(5, 4, mode="max"))
     with pytest.raises(ValueError, match="'1' has mode='max'"):
@@ -206,6 +234,7 @@ def test_max_bags_are_refused_before_anything_changes():
 class Colliding(nn.Module):
     def __init__(self):
         super().__init__()
+        self.a_b_c_2 = nn.Embedding(8, 4)  # the name a count suffix would give "a_b.c" below
         self.a = nn.ModuleDict({"b_c": nn.Embedding(8, 4)})
         self.a_b = nn.ModuleDict({"c": nn.Embedding(8, 4)})
         self.shared = nn.Embedding(8, 4)
@@ -217,7 +246,7 @@ def test_colliding_names_and_shared_modules():
     post_training_sparse_quantize(model, DataNormSparsifier, sparsity_level=0.5)
     assert type(model.a["b_c"]) is nnq.Embedding and type(model.a_b["c"]) is nnq.Embedding
     assert model.shared is model.again and type(model.shared) is nnq.Embedding
-    for module in (model.a["b_c"], model.a_b["c"], model.shared):
+    for module in (model.a_b_c_2, model.a["b_c"], model.a_b["c"], model.shared):
         assert _zero_fraction(module) >= 0.5
 
 

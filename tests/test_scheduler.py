@@ -221,6 +221,49 @@ def test_load_corrupt_state_raises(state):
     assert scheduler.state_dict() == before
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"last_epoch": "x"},
+        {"last_epoch": True},
+        {"last_epoch": -2},
+        {"_step_count": 1.5},
+        {"_last_param": None},
+        {"base_param": [0.5]},
+        {"schedule_param": 3},
+        {"total_steps": 0},
+        {"total_steps": 2.0},
+        {"init_level": float("nan")},
+        {"final_level": "0.5"},
+        {"schedule_param": "sparse_block_shape"},  # a value the rule rejects
+    ],
+)
+def test_load_state_with_wrong_values_raises_and_changes_nothing(change):
+    sparsifier = DataNormSparsifier([("x", torch.randn(4, 8))])
+    scheduler = LinearSparsityScheduler(sparsifier, 0.0, 0.8, total_steps=4)
+    sparsifier.step()
+    scheduler.step()
+    before, defaults = scheduler.state_dict(), dict(sparsifier.defaults)
+    with pytest.raises(CorruptStateError):
+        scheduler.load_state_dict({**before, **change})
+    assert scheduler.state_dict() == before
+    assert sparsifier.defaults == defaults
+    sparsifier.step()
+    scheduler.step()  # still usable
+    assert scheduler.get_last_param()["x"] == pytest.approx(0.4)
+
+
+def test_unknown_schedule_param_raises():
+    sparsifier = DataNormSparsifier([("x", torch.randn(4, 8))])
+    with pytest.raises(ValueError, match="'sparsity_levl' is not a config key.*sparsity_level"):
+        LinearSparsityScheduler(sparsifier, 0.0, 0.8, total_steps=2, schedule_param="sparsity_levl")
+    assert sparsifier.data_groups["x"] == {
+        "sparsity_level": 0.5,
+        "sparse_block_shape": (1, 4),
+        "zeros_per_block": None,
+    }
+
+
 def test_verbose_prints_each_change(capsys):
     sparsifier = DataNormSparsifier([("x", torch.randn(4, 8))])
     LinearSparsityScheduler(sparsifier, 0.2, 0.8, total_steps=3, verbose=True)
@@ -303,6 +346,27 @@ def test_ramp_sets_the_level_of_data_registered_later():
     scheduler.step()
     sparsifier.add_data("late", torch.randn(2, 8))
     assert sparsifier.data_groups["late"]["sparsity_level"] == pytest.approx(0.2)
+
+
+def test_resumed_ramp_sets_the_level_of_data_registered_later():
+    def run():
+        sparsifier = DataNormSparsifier()
+        scheduler = LinearSparsityScheduler(sparsifier, 0.0, 0.8, total_steps=4)
+        for _ in range(3):
+            sparsifier.step()
+            scheduler.step()
+        return sparsifier, scheduler
+
+    sparsifier, scheduler = run()
+    resumed = DataNormSparsifier()
+    resumed.load_state_dict(sparsifier.state_dict())
+    LinearSparsityScheduler(resumed, 0.0, 0.8, total_steps=4).load_state_dict(
+        scheduler.state_dict()
+    )
+    sparsifier.add_data("late", torch.randn(2, 8))
+    resumed.add_data("late", torch.randn(2, 8))
+    assert resumed.data_groups["late"]["sparsity_level"] == pytest.approx(0.6)
+    assert sparsifier.data_groups["late"]["sparsity_level"] == pytest.approx(0.6)
 
 
 def test_ramp_of_a_param_the_rule_rejects_changes_nothing():
