@@ -83,9 +83,14 @@ def apply_mask(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def mask_like(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A float mask in float data's dtype (0 and 1 are exact in each): a float32 batch times a
-    float64 mask, as ``fit`` leaves over features, was a promoting multiply 100x slower."""
-    if mask.dtype != data.dtype and mask.is_floating_point() and data.is_floating_point():
+    """A float mask in the dtype of float or integer data (0 and 1 are exact in each): a
+    float32 batch times a float64 mask, as ``fit`` leaves over features, was a promoting
+    multiply 100x slower, and int64 data times a float32 mask lost every value above 2^24."""
+    if (
+        mask.dtype != data.dtype
+        and mask.is_floating_point()
+        and not (data.dtype == torch.bool or data.is_complex())
+    ):
         return mask.to(data.dtype)
     return mask
 

@@ -353,7 +353,8 @@ def test_a_float_mask_of_another_dtype_masks_in_the_datas_dtype(same_bits):
     got = apply_mask(x, mask)
     assert got.dtype == torch.float32 and mask_like(x, mask).dtype == torch.float32
     assert same_bits(got, (x.double() * mask).float())
-    assert mask_like(x.long(), mask) is mask and mask_like(x, mask.bool()).dtype == torch.bool
+    assert mask_like(x.long(), mask).dtype == torch.int64  # 0 and 1: exact, and no promotion
+    assert mask_like(x, mask.bool()).dtype == torch.bool
 
 
 def test_masked_out_with_mask_updates_disabled_holds_the_data_under_the_current_mask():

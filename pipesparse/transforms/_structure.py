@@ -1,7 +1,7 @@
 """Find the entries of a batch to sparsify and rebuild the batch around their masked values.
 
 A batch is a tensor, a numpy array, or any nesting of dicts (any ``Mapping``, e.g. a Hugging
-Face ``BatchEncoding``), tuples (named or not) and lists. An entry is addressed by its path:
+Face ``BatchEncoding``), tuples (named or not), lists and dataclass instances (their fields). An entry is addressed by its path:
 the keys / indices from the top of the batch down to it. Everything not replaced is returned
 as the very same object.
 """
@@ -9,6 +9,7 @@ as the very same object.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -34,11 +35,17 @@ def is_float_array(value: Any) -> bool:
 _SCALARS = frozenset({str, bytes, int, float, bool, complex, type(None)})
 
 
+def _is_dataclass(node: Any) -> bool:
+    return dataclasses.is_dataclass(node) and not isinstance(node, type)
+
+
 def _children(node: Any) -> Iterator[tuple[Any, Any]]:
     if isinstance(node, Mapping):
         return iter(node.items())
     if isinstance(node, (tuple, list)):
         return enumerate(node)
+    if _is_dataclass(node):
+        return ((field.name, getattr(node, field.name)) for field in dataclasses.fields(node))
     return iter(())
 
 
@@ -64,17 +71,18 @@ def select(batch: Any, keys: tuple[Any, ...] | None) -> list[tuple[Path, Any]]:
             f"keys={list(keys)} selects entries of a dict, tuple or list batch; the batch is a "
             f"{type(batch).__name__} (use keys=None to sparsify it whole)"
         )
-    if not isinstance(batch, (Mapping, tuple, list)):
+    if not isinstance(batch, (Mapping, tuple, list)) and not _is_dataclass(batch):
         raise TypeError(
             f"cannot select keys={list(keys)} from a batch of type {type(batch).__name__}; "
-            "accepted: dict (any Mapping), tuple, list"
+            "accepted: dict (any Mapping), tuple, list, dataclass"
         )
+    entries = batch if not _is_dataclass(batch) else dict(_children(batch))
     selected = []
     for key in keys:
         try:
-            entry = batch[key]
+            entry = entries[key]
         except (KeyError, IndexError, TypeError):
-            available = list(batch) if isinstance(batch, Mapping) else list(range(len(batch)))
+            available = list(entries) if isinstance(entries, Mapping) else list(range(len(batch)))
             raise BatchKeyError(
                 f"batch has no entry {key!r}; its entries are {available}"
             ) from None
@@ -102,6 +110,8 @@ def _rebuild(node: Any, path: Path, new: dict[Path, Any], prefixes: set[Path]) -
     items = {k: _rebuild(v, path + (k,), new, prefixes) for k, v in _children(node)}
     if isinstance(node, Mapping):
         return _rebuild_mapping(node, items)
+    if _is_dataclass(node):
+        return _rebuild_dataclass(node, items)
     values = list(items.values())
     if isinstance(node, tuple) and hasattr(node, "_fields"):  # namedtuple
         return type(node)(*values)
@@ -125,6 +135,17 @@ def _rebuild_mapping(node: Mapping, items: dict[Any, Any]) -> Mapping:
         raise TypeError(
             f"cannot rebuild a batch of type {type(node).__name__} (immutable mapping that does "
             "not take a dict in its constructor); pass a dict"
+        ) from err
+
+
+def _rebuild_dataclass(node: Any, items: dict[str, Any]) -> Any:
+    changed = {key: value for key, value in items.items() if value is not getattr(node, key)}
+    try:
+        return dataclasses.replace(node, **changed)
+    except (TypeError, ValueError) as err:  # a field with init=False, a __post_init__ ...
+        raise TypeError(
+            f"cannot rebuild a batch of type {type(node).__name__} with dataclasses.replace "
+            f"({err}); pass a dict"
         ) from err
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from pipesparse.base import BaseDataSparsifier, apply_mask, mask_like
+from pipesparse.base import BaseDataSparsifier, apply_mask, data_names, mask_like
 from pipesparse.errors import CorruptStateError
 from pipesparse.transforms import _structure
 
@@ -122,7 +122,9 @@ class SparsifyTransform:
             raise TypeError(
                 f"sparsifier must be a pipesparse BaseDataSparsifier, got {type(sparsifier).__name__}"
             )
-        if not isinstance(name, str) or not name or "." in name:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if not name or "." in name:
             raise ValueError(f"name={name!r} is not accepted: a non-empty string without '.'")
         _check_update(update)
         if mask_over is not None and mask_over not in _MASK_OVER:
@@ -152,9 +154,9 @@ class SparsifyTransform:
         """Like ``transform(batch)``, but multiply the selected tensors (and writable numpy
         arrays) by their masks in place, saving a batch-sized allocation and copy. Only for a
         batch the caller owns and nobody else reads, such as a fresh ``default_collate``
-        output; ``transform(batch)`` never writes into the batch. An entry whose dtype the
-        mask would promote (integers) or that requires grad is masked out of place, as
-        ``transform(batch)`` does; an entry moved to ``device`` is masked in its new copy.
+        output; ``transform(batch)`` never writes into the batch. An entry that requires grad
+        is masked out of place, as ``transform(batch)`` does; an entry moved to ``device`` is
+        masked in its new copy.
         Entries that share memory are all masked out of place."""
         return self._masked(batch, in_place=True)
 
@@ -199,9 +201,11 @@ class SparsifyTransform:
         return all(n in groups for n in (names or [self.name]))
 
     def _mask_names(self, paths: list[tuple[Any, ...]]) -> list[str]:
+        """``name``, or with several entries ``f"{name}_{key}"`` each, the keys of a path
+        joined by ``_`` (``.`` in a key as ``_``), numbered where two would be alike."""
         if len(paths) == 1:
             return [self.name]
-        return [f"{self.name}_{'_'.join(str(p) for p in path)}" for path in paths]
+        return data_names(f"{self.name}_{'_'.join(str(p) for p in path)}" for path in paths)
 
     def _must_fit(self, names: list[str]) -> bool:
         if not self.persistent:
@@ -231,8 +235,15 @@ class SparsifyTransform:
         pid = os.getpid()
         private = self.persistent or self._mask_pid == pid
         products = {}
-        for name, tensor in zip(names, tensors, strict=True):
-            data = self._summary(name, tensor) if self.mask_over == "features" else tensor
+        # every entry's data checked first: one the rule cannot take changes no other's mask
+        datas = [
+            self._summary(name, tensor) if self.mask_over == "features" else tensor
+            for name, tensor in zip(names, tensors, strict=True)
+        ]
+        if len(datas) > 1:
+            for name, data in zip(names, datas, strict=True):
+                sparsifier._validate_data(name, data)
+        for name, tensor, data in zip(names, tensors, datas, strict=True):
             reuse = (
                 private
                 and name in sparsifier.data_groups
@@ -308,8 +319,9 @@ class SparsifyTransform:
         return apply_mask(tensor, mask)
 
     def _to_tensor(self, entry: Any) -> torch.Tensor:
-        if isinstance(entry, np.ndarray):
-            entry = torch.from_numpy(entry if entry.flags.writeable else entry.copy())
+        if isinstance(entry, np.ndarray):  # torch takes neither read-only nor reversed arrays
+            usable = entry.flags.writeable and all(stride >= 0 for stride in entry.strides)
+            entry = torch.from_numpy(entry if usable else entry.copy())
         if self._device is not None and entry.device != self._device:
             entry = entry.to(self._device)
         return entry

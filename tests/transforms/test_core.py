@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import warnings
 from collections import OrderedDict, UserDict, namedtuple
@@ -192,6 +193,36 @@ def test_several_entries_get_one_mask_each_named_by_key_or_index():
     assert sorted(tuple_transform.sparsifier.data_groups) == ["t_0", "t_2"]
 
 
+@pytest.mark.parametrize("update", ["every_batch", "frozen"])
+def test_entries_whose_names_would_be_alike_get_masks_of_their_own(update):
+    a, b, c = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
+    transform = SparsifyTransform(norm(), update=update, mask_over="batch")
+    out = transform({"x_0": a, "x": [b], "y.z": c})
+    assert list(transform.sparsifier.data_groups) == ["batch_x_0", "batch_x_0_1", "batch_y_z"]
+    for got, data in ((out["x_0"], a), (out["x"][0], b), (out["y.z"], c)):
+        assert torch.equal(got, expected_batch(data))
+    out = SparsifyTransform(norm())({"0": a, 0: b})
+    assert torch.equal(out["0"], expected_batch(a)) and torch.equal(out[0], expected_batch(b))
+
+
+@dataclasses.dataclass
+class Features:
+    x: torch.Tensor
+    ids: torch.Tensor
+    label: str = "cat"
+
+
+def test_dataclass_batches_are_walked_and_rebuilt():
+    x, ids = torch.randn(4, 8), torch.arange(4)
+    batch = Features(x, ids)
+    for transform in (SparsifyTransform(norm()), SparsifyTransform(norm(), keys="x")):
+        out = transform(batch)
+        assert type(out) is Features and out.ids is ids and out.label == "cat"
+        assert torch.equal(out.x, expected_batch(x)) and batch.x is x
+    with pytest.raises(KeyError, match=r"no entry 'y'.*\['x', 'ids', 'label'\]"):
+        SparsifyTransform(norm(), keys="y")(batch)
+
+
 def test_keys_select_entries():
     transform = SparsifyTransform(norm(), keys=["x"])
     batch = {"x": torch.randn(4, 8), "y": torch.randn(4, 8)}
@@ -250,6 +281,10 @@ def test_numpy_entries_stay_numpy_unless_asked():
     read_only.flags.writeable = False
     as_torch = SparsifyTransform(norm(), numpy_to_torch=True)(read_only)
     assert isinstance(as_torch, torch.Tensor) and torch.equal(as_torch, torch.from_numpy(out["x"]))
+    flipped = np.flip(x, 1)  # negative strides, which torch.from_numpy refuses
+    np.testing.assert_array_equal(
+        SparsifyTransform(norm())(flipped), expected_batch(torch.from_numpy(flipped.copy())).numpy()
+    )
 
 
 def test_explicitly_selected_integer_and_half_entries_keep_their_dtype():
@@ -260,6 +295,36 @@ def test_explicitly_selected_integer_and_half_entries_keep_their_dtype():
     half = torch.randn(4, 8).half()
     out = SparsifyTransform(norm(), update="frozen")(half)
     assert out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("update", ["frozen", 2])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_integer_entries_stay_exact_under_a_features_mask(update, dtype):
+    big = 2**40 if dtype == torch.int64 else 2**24
+    ids = (torch.arange(8, dtype=dtype) * 2 + big + 1).repeat(4, 1)
+    ids[:, 4:] = 1  # the lower half of the features: dropped
+    transform = SparsifyTransform(norm(), keys="ids", update=update)
+    for out in (transform({"ids": ids}), transform.apply_in_place({"ids": ids.clone()})):
+        assert out["ids"].dtype == dtype
+        assert torch.equal(out["ids"][:, :4], ids[:, :4]) and (out["ids"][:, 4:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "mask_over, bad_y, error, match",
+    [
+        ("features", torch.tensor(1.0), ValueError, "'batch_y' is a scalar"),
+        ("batch", torch.randn(4, 8, dtype=torch.complex64), TypeError, "'batch_y' has dtype"),
+    ],
+)
+def test_a_failed_fit_leaves_every_mask_as_it_was(mask_over, bad_y, error, match):
+    transform = SparsifyTransform(norm(), keys=["x", "y"], update="frozen", mask_over=mask_over)
+    transform.fit({"x": torch.randn(4, 8), "y": torch.randn(4, 8)})
+    before = {n: transform.sparsifier.get_mask(n).clone() for n in ("batch_x", "batch_y")}
+    with pytest.raises(error, match=match):
+        transform.fit({"x": torch.randn(4, 8) + 1, "y": bad_y})
+    for name, mask in before.items():
+        assert torch.equal(transform.sparsifier.get_mask(name), mask)
+        assert transform.sparsifier.get_mask(name).is_shared()
 
 
 # -- device -------------------------------------------------------------------------------
@@ -303,6 +368,11 @@ def test_bad_update_policy_names_value_and_accepted(update):
 def test_bad_arguments_are_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SparsifyTransform(norm(), **kwargs)
+
+
+def test_name_must_be_a_str():
+    with pytest.raises(TypeError, match="name must be a str, got int"):
+        SparsifyTransform(norm(), name=3)
 
 
 def test_sparsifier_must_be_a_data_sparsifier():
