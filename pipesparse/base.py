@@ -239,6 +239,14 @@ class BaseDataSparsifier(abc.ABC):
             return data
         return data if return_original else apply_mask(data, self.state[name]["mask"])
 
+    def _forget(self, names: Iterable[str]) -> None:
+        """Drop ``names`` with their data, masks and configs: for a copy that must not carry
+        what it was last given (a transform's per-batch names)."""
+        for name in names:
+            for registry in (self.data_groups, self.state, self._data):
+                registry.pop(name, None)
+            self._squashed.discard(name)
+
     def is_squashed(self, name: str) -> bool:
         """Whether ``squash_mask`` stopped masking ``name`` (``step`` then skips it)."""
         self._require(name)

@@ -7,9 +7,11 @@ these. The transform talks to its sparsifier only through the public API (``add_
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ from torch.utils.data import get_worker_info
 from pipesparse.base import BaseDataSparsifier, apply_mask, data_names, mask_like
 from pipesparse.errors import CorruptStateError
 from pipesparse.transforms import _structure
+from pipesparse.transforms._mask_version import MaskVersion
 
 __all__ = ["SparsifyTransform", "TRANSFORM_STATE_FORMAT"]
 
@@ -77,6 +80,12 @@ def _plain_float(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() and not tensor.requires_grad
 
 
+def _private(ready: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``ready`` (the mask as the multiply takes it), a copy if it is the shared mask itself: an
+    in-place multiply cannot be redone if the mask changed under it."""
+    return ready.clone() if ready is mask else ready
+
+
 def _in_dataloader_worker() -> bool:
     return get_worker_info() is not None
 
@@ -104,8 +113,9 @@ class SparsifyTransform:
 
     Persistent masks (``frozen``, ``N``) live in shared memory and ``load_state_dict`` / refits
     write into them in place, so DataLoader workers that are already running use a new mask from
-    their next batch. Inside a DataLoader worker a persistent mask is never refitted (each worker
-    would get its own mask); it must be fitted or loaded in the main process first.
+    their next batch, never half of one (see ``_mask_version.MaskVersion``). Inside a
+    DataLoader worker a persistent mask is never refitted (each worker would get its own
+    mask); it must be fitted or loaded in the main process first.
     """
 
     def __init__(
@@ -144,6 +154,7 @@ class SparsifyTransform:
         self._batches_seen = 0
         self._mask_pid: int | None = None  # process that owns the every_batch masks
         self._slots: dict[str, torch.Tensor] = {}  # the tensors registered, see _repoint
+        self._version: MaskVersion | None = None  # of the shared masks, see share_memory
 
     # -- the per-batch path -----------------------------------------------------------------
     def __call__(self, batch: Any) -> Any:
@@ -231,9 +242,24 @@ class SparsifyTransform:
         """Register the batch and step. With ``in_place`` (not None: the batch is masked next)
         and masks over the batch, the step also writes the masked batch (a rule may do it in
         the pass that writes the mask): returned by name, for the entries it covers."""
-        sparsifier = self.sparsifier
         pid = os.getpid()
         private = self.persistent or self._mask_pid == pid
+        with self._writing_masks():
+            products = self._register_and_step(names, tensors, in_place, private)
+        if self.persistent:
+            self.share_memory()
+        else:  # every_batch masks are private to a process: workers must not write into
+            self._mask_pid = pid  # the (shared) storage of the parent's masks
+        return products
+
+    def _register_and_step(
+        self,
+        names: list[str],
+        tensors: list[torch.Tensor],
+        in_place: bool | None,
+        private: bool,
+    ) -> dict[str, torch.Tensor]:
+        sparsifier = self.sparsifier
         products = {}
         # every entry's data checked first: one the rule cannot take changes no other's mask
         datas = [
@@ -254,11 +280,13 @@ class SparsifyTransform:
             if in_place is not None and data is tensor and _plain_float(tensor):
                 products[name] = tensor if in_place else torch.empty_like(tensor)
         sparsifier.step(masked_out=products or None)
-        if self.persistent:
-            self.share_memory()
-        else:  # every_batch masks are private to a process: workers must not write into
-            self._mask_pid = pid  # the (shared) storage of the parent's masks
         return products
+
+    def _writing_masks(self) -> AbstractContextManager[None]:
+        """Around a write into shared masks: readers in workers wait for it, never see half."""
+        if self.persistent and self._version is not None:
+            return self._version.writing()
+        return nullcontext()
 
     def _slot(self, name: str, data: torch.Tensor) -> torch.Tensor:
         """A tensor of this transform's own that views ``data``: what gets registered."""
@@ -309,14 +337,17 @@ class SparsifyTransform:
                 f"{tuple(mask.shape)}; the batch entry has shape {tuple(tensor.shape)}. Use "
                 "mask_over='features' for a mask that broadcasts over any batch size"
             )
-        mask = mask_like(tensor, mask.to(tensor.device))
-        if (
-            in_place
-            and not tensor.requires_grad
-            and torch.can_cast(torch.result_type(tensor, mask), tensor.dtype)
-        ):
-            return tensor.mul_(mask)
-        return apply_mask(tensor, mask)
+        in_place = in_place and not tensor.requires_grad
+        version = self._version if self.persistent else None
+        if version is not None and version.elsewhere:  # masks another process may rewrite
+            if not in_place:
+                return version.read(lambda: apply_mask(tensor, mask))
+            ready = version.read(lambda: _private(mask_like(tensor, mask.to(tensor.device)), mask))
+        else:
+            ready = mask_like(tensor, mask.to(tensor.device))
+        if in_place and torch.can_cast(torch.result_type(tensor, ready), tensor.dtype):
+            return tensor.mul_(ready)
+        return apply_mask(tensor, ready)
 
     def _to_tensor(self, entry: Any) -> torch.Tensor:
         if isinstance(entry, np.ndarray):  # torch takes neither read-only nor reversed arrays
@@ -331,6 +362,19 @@ class SparsifyTransform:
             return out.cpu().numpy()
         return out
 
+    def _without_batches(self) -> SparsifyTransform:
+        """A copy of this transform; an ``every_batch`` one without the names it registers per
+        batch (the last batch's data and masks): the same outputs, and a copy whose bytes do
+        not depend on which batch it saw last."""
+        snapshot = copy.deepcopy(self)
+        snapshot._batches_seen = 0
+        if not snapshot.persistent:
+            snapshot.sparsifier._forget(list(snapshot._slots))
+            snapshot._slots = {}
+            if not snapshot.sparsifier.data_groups:
+                snapshot.sparsifier._step_count = 0
+        return snapshot
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_mask_pid"] = None  # a copy (another process, a deepcopy) starts its own masks
@@ -344,6 +388,8 @@ class SparsifyTransform:
             mask = self.sparsifier.get_mask(name)
             if mask.device.type == "cpu":
                 mask.share_memory_()
+        if self._version is None:
+            self._version = MaskVersion()
         return self
 
     def _config(self) -> dict[str, Any]:
@@ -386,7 +432,8 @@ class SparsifyTransform:
             )
         if not isinstance(state_dict.get("sparsifier"), Mapping):
             raise CorruptStateError("transform state is missing its 'sparsifier' dict")
-        self.sparsifier.load_state_dict(state_dict["sparsifier"])
+        with self._writing_masks():
+            self.sparsifier.load_state_dict(state_dict["sparsifier"])
         self._batches_seen = seen
         if self.persistent:
             self.share_memory()

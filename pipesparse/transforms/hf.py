@@ -49,16 +49,13 @@ def hf_map_fn(transform: SparsifyTransform, columns: str | list[str]) -> Sparsif
             "batches of their own shard; use update='every_batch' or a fitted update='frozen'"
         )
     selected = [c for c in names if transform.keys is None or c in transform.keys]
-    mask_names = (
-        [transform.name] if len(selected) == 1 else [f"{transform.name}_{c}" for c in selected]
-    )
+    mask_names = transform._mask_names([(c,) for c in selected])
     if transform.update == "frozen" and not transform.is_fitted(mask_names):
         raise ValueError(
             f"the frozen transform has no mask for {mask_names}; calibrate first with "
             "transform(calibration_batch) or transform.load_state_dict(state), then call hf_map_fn"
         )
-    snapshot = copy.deepcopy(transform)
-    snapshot._batches_seen = 0  # neither policy here reads it: keep it out of the fingerprint
+    snapshot = transform._without_batches()  # only what a map over any batches depends on
     if snapshot.keys is None:  # named columns are sparsified whatever their dtype
         snapshot.keys = tuple(names)
     return SparsifyMapFn(snapshot, tuple(names))
@@ -136,7 +133,11 @@ def _column(batch: Any, name: str) -> Any:
 
 
 def _like(original: Any, masked: Any) -> Any:
-    """``masked`` in the container ``original`` came in (lists stay lists)."""
-    if isinstance(original, (torch.Tensor, np.ndarray)):
+    """``masked`` in the container ``original`` came in (lists stay lists); a tensor column as
+    numpy, from which ``datasets`` keeps a fixed-shape type (``Array2D``) that it would infer
+    from a tensor as nested lists."""
+    if isinstance(original, torch.Tensor):
+        return masked.numpy(force=True) if isinstance(masked, torch.Tensor) else masked
+    if isinstance(original, np.ndarray):
         return masked
     return masked.tolist()

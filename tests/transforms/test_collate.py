@@ -152,6 +152,52 @@ def test_running_persistent_workers_use_a_mask_changed_by_the_main_process(conte
     assert_same_batches(got[4:], new[4:])
 
 
+def stacked(items):
+    return torch.stack(items)
+
+
+class Ones(torch.utils.data.Dataset):
+    """Batches of ones: a masked batch is the mask it was multiplied by."""
+
+    def __init__(self, length, features):
+        self.length, self.features = length, features
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return torch.ones(self.features)
+
+
+@pytest.mark.parametrize("change", ["fit", "load_state_dict"])
+@pytest.mark.parametrize("collate", ["in_place", "out_of_place"])
+def test_a_worker_never_masks_with_half_a_mask_the_main_process_is_writing(change, collate):
+    """The main process refits after every batch while a worker masks big batches: each batch
+    must come out masked by one of the two masks whole (before the sequence counter about one
+    in twenty did not, some wholly zeroed)."""
+    features = 1 << 20  # a write and a multiply long enough to overlap often
+    left = torch.cat([torch.full((2, features // 2), 10.0), torch.ones(2, features // 2)], 1)
+    tf = transform("frozen")
+    states, masks = [], []
+    for calibration in (left.flip(1), left):
+        tf.fit(calibration)
+        states.append(tf.state_dict())
+        masks.append(tf.sparsifier.get_mask("batch").clone().float())
+    if collate == "in_place":
+        collate_fn = SparsifyCollate(tf)
+    else:  # another collate_fn: the transform may not write into its batch
+        collate_fn = SparsifyCollate(tf, collate_fn=stacked)
+    dl = loader(Ones(120, features), collate_fn, batch_size=1, num_workers=1)
+    torn = 0
+    for i, batch in enumerate(dl):
+        torn += not any(torch.equal(batch, mask) for mask in masks)
+        if change == "fit":
+            tf.fit(left if i % 2 else left.flip(1))
+        else:
+            tf.load_state_dict(states[i % 2])
+    assert torn == 0
+
+
 # -- in-place masking of default_collate's fresh batch -----------------------------------------
 
 

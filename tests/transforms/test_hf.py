@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
@@ -69,7 +70,7 @@ def test_every_format_gives_the_masked_column_and_keeps_the_rest(fmt, update):
     [List(Value("float32")), List(Value("float64")), Array2D((2, FEATURES // 2), "float32")],
     ids=["list-float32", "list-float64", "array2d"],
 )
-@pytest.mark.parametrize("fmt", [None, "arrow"])
+@pytest.mark.parametrize("fmt", [None, "arrow", "numpy", "torch"])
 def test_arrow_type_is_kept(feature, fmt):
     ds = dataset(feature, dtype=getattr(feature, "dtype", None) or feature.feature.dtype)
     source = ds.with_format(fmt) if fmt else ds
@@ -131,6 +132,22 @@ def test_fingerprint_is_the_same_in_another_process():
         [sys.executable, "-c", HASH_SCRIPT], capture_output=True, text=True, timeout=120, check=True
     )
     assert other.stdout.strip() == Hasher.hash(hf_map_fn(transform("frozen"), "x"))
+
+
+def test_a_used_every_batch_transform_maps_and_hashes_as_a_fresh_one():
+    used = transform()
+    for seed in range(3):  # batches of another shape than the map's
+        used(torch.randn(1000, 64, generator=torch.Generator().manual_seed(seed)))
+    fn = hf_map_fn(used, "x")
+    assert Hasher.hash(fn) == Hasher.hash(hf_map_fn(transform(), "x"))
+    assert len(pickle.dumps(fn)) < 10_000  # not the last (1000, 64) batch
+    ds = dataset()
+    out = ds.map(fn, batched=True, batch_size=BATCH)
+    assert (
+        column(out).tolist()
+        == column(ds.map(hf_map_fn(transform(), "x"), batched=True, batch_size=BATCH)).tolist()
+    )
+    assert used.sparsifier.get_mask("batch").shape == (1000, 64)  # the original is untouched
 
 
 def test_several_columns_and_integer_columns_named_explicitly():
