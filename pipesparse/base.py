@@ -10,6 +10,7 @@ view is one multiply.
 from __future__ import annotations
 
 import abc
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -45,11 +46,36 @@ def _as_tensor(name: str, data: Any) -> torch.Tensor:
     if isinstance(data, _EMBEDDING_TYPES):
         return data.weight
     if isinstance(data, torch.Tensor):
+        _check_layout(name, data)
         return data
     raise TypeError(
         f"data for {name!r} has unsupported type {type(data).__name__}; accepted: torch.Tensor, "
         "nn.Parameter, nn.Embedding, nn.EmbeddingBag"
     )
+
+
+def _check_layout(name: str, data: torch.Tensor) -> None:
+    """Masks are dense tensors of the data's shape, multiplied into it: sparse data has none."""
+    if data.layout != torch.strided:
+        raise TypeError(
+            f"data for {name!r} has layout {data.layout}; accepted: dense (torch.strided) "
+            "tensors (convert it with .to_dense())"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy (or other) real scalars as Python ints and floats, inside tuples
+    and lists too: configs go into state_dicts, which ``torch.load(weights_only=True)`` only
+    reads with Python numbers."""
+    if isinstance(value, tuple):
+        return tuple(map(_plain, value))
+    if isinstance(value, list):
+        return list(map(_plain, value))
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value  # left to the rule's validation
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value)  # also np.float64, a float subclass that pickles as numpy
 
 
 def _check_name(name: Any) -> None:
@@ -105,6 +131,20 @@ def _write_masked(data: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> 
             out.copy_(apply_mask(data, mask))
 
 
+def _check_writable(name: str, data: torch.Tensor) -> None:
+    """Raise when torch refuses to write into ``data`` in place: some of its entries are one
+    memory location (a dim of stride 0, as ``expand`` makes; torch's own test). Empty data
+    has no entries to share, whatever its strides."""
+    if data.numel() > 0 and any(
+        stride == 0 and size > 1 for size, stride in zip(data.shape, data.stride(), strict=True)
+    ):
+        raise ValueError(
+            f"cannot write the mask of {name!r} into its data: entries of the data share memory "
+            f"(shape {tuple(data.shape)}, strides {data.stride()}, e.g. an expand()); register "
+            "a contiguous copy (add_data(name, data.contiguous())) to squash it"
+        )
+
+
 def _dtype_from_name(name: str, text: Any) -> torch.dtype:
     dtype = _MASK_DTYPES.get(text) if isinstance(text, str) else None
     if dtype is None:
@@ -144,8 +184,9 @@ class BaseDataSparsifier(abc.ABC):
     """
 
     def __init__(self, data_list: Iterable[tuple[str, Any]] | None = None, **defaults: Any):
+        defaults = {key: _plain(value) for key, value in defaults.items()}
         self._validate_config(defaults)
-        self.defaults: dict[str, Any] = dict(defaults)
+        self.defaults: dict[str, Any] = defaults
         self.data_groups: dict[str, dict[str, Any]] = {}
         self.state: dict[str, dict[str, Any]] = {}
         self._data: dict[str, torch.Tensor | None] = {}
@@ -163,8 +204,10 @@ class BaseDataSparsifier(abc.ABC):
     def _validate_config(self, config: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` for a config the rule cannot use; called before anything changes."""
 
-    def _validate_data(self, name: str, data: torch.Tensor) -> None:
-        """Raise ``TypeError`` for data the rule cannot read (e.g. bool data for a norm rule)."""
+    def _validate_data(self, name: str, data: torch.Tensor, config: Mapping[str, Any]) -> None:
+        """Raise ``TypeError`` for data the rule cannot read (e.g. bool data for a norm rule),
+        ``ValueError`` for data that the name's (valid) ``config`` cannot apply to; called
+        before anything changes."""
 
     # -- registry ---------------------------------------------------------------------------
     def add_data(
@@ -193,11 +236,12 @@ class BaseDataSparsifier(abc.ABC):
             return apply_mask(tensor, mask)
 
         _check_name(name)
-        self._validate_data(name, tensor)
+        config = {key: _plain(value) for key, value in config.items()}
         base = self.data_groups.get(name, self.defaults)
         merged = {**base, **config}
         if config:
             self._validate_config(merged)
+        self._validate_data(name, tensor, merged)
         if mask is not None and reuse_mask:
             if mask.shape != tensor.shape:
                 raise ValueError(
@@ -266,6 +310,7 @@ class BaseDataSparsifier(abc.ABC):
             for name, out in (masked_out or {}).items():
                 _write_masked(self._data[name], self.state[name]["mask"], out)
             return
+        self._check_updatable()
         self._step_count += 1
         # no_grad, called as a function: the context manager's objects cost ~15 us a step once
         # a batch has pushed the interpreter out of the CPU caches
@@ -279,6 +324,20 @@ class BaseDataSparsifier(abc.ABC):
                     self._update_keeping_storage(name, data, config, out)
         finally:
             torch.set_grad_enabled(grad)
+
+    def _check_updatable(self) -> None:
+        """Raise before any mask changes when a name's config or data, edited since it was
+        registered (``data_groups[name][...] = ...``, an in-place resize), is one the rule
+        rejects: otherwise the names before it would already hold their new masks."""
+        for name, config in self.data_groups.items():
+            data = self._data[name]
+            if data is not None and name not in self._squashed:
+                try:
+                    self._validate_config(config)
+                    self._validate_data(name, data, config)
+                except (TypeError, ValueError) as err:
+                    kind = TypeError if isinstance(err, TypeError) else ValueError
+                    raise kind(f"cannot update the mask of {name!r}: {err}") from None
 
     def _check_masked_out(self, masked_out: Mapping[str, torch.Tensor]) -> None:
         """Raise before any mask changes when ``step``'s ``masked_out`` cannot be filled."""
@@ -343,6 +402,9 @@ class BaseDataSparsifier(abc.ABC):
             names = [names] if isinstance(names, str) else list(names)
         for name in names:
             self._require(name)
+            data = self._data[name]
+            if leave_parametrized and name not in self._squashed and data is not None:
+                _check_writable(name, data)
         with torch.no_grad():
             for name in names:
                 data = self._data[name]
@@ -361,7 +423,11 @@ class BaseDataSparsifier(abc.ABC):
             "format": STATE_FORMAT,
             "state": {n: {"mask": _compact(s["mask"])} for n, s in self.state.items()},
             "mask_dtypes": {n: str(s["mask"].dtype) for n, s in self.state.items()},
-            "data_groups": {n: dict(c) for n, c in self.data_groups.items()},
+            # plain again: a scheduler or an edit of data_groups may have put numpy values there
+            "data_groups": {
+                n: {key: _plain(value) for key, value in c.items()}
+                for n, c in self.data_groups.items()
+            },
             "squashed": sorted(self._squashed),
         }
         if include_data:
@@ -372,7 +438,8 @@ class BaseDataSparsifier(abc.ABC):
         """Restore masks, configs, data and squashed status. Validated whole before anything
         changes. ``strict=False`` keeps names that the state does not mention. A mask that
         already exists with the same shape is overwritten in place (shared memory stays shared);
-        a name the state has no data for keeps the data it has. torch.ao's format loads too."""
+        a name the state has no data for keeps the data it has, if the loaded mask and config fit
+        it. torch.ao's format loads too."""
         entries = self._parse_state(state_dict)
         if strict:
             for name in [n for n in self.data_groups if n not in entries]:
@@ -380,10 +447,6 @@ class BaseDataSparsifier(abc.ABC):
                 self._squashed.discard(name)
         for name, (mask, dtype, config, data, squashed) in entries.items():
             current = self.state.get(name, {}).get("mask")
-            if data is None:
-                data = self._data.get(name)
-                if data is not None and data.shape != mask.shape:
-                    data = None
             if current is not None and current.shape == mask.shape:
                 current.copy_(mask.to(current.device))
             else:  # a copy: two sparsifiers loaded from one state must not share a mask
@@ -484,13 +547,30 @@ class BaseDataSparsifier(abc.ABC):
                         f"{tuple(mask.shape)}"
                     )
                 try:
-                    self._validate_data(name, data)
+                    _check_layout(name, data)
+                    self._validate_data(name, data, config)
                 except (TypeError, ValueError) as err:
                     raise CorruptStateError(f"state_dict data for {name!r}: {err}") from None
                 data = data.detach().clone()  # the loaded sparsifier owns its data, as in torch.ao
+            else:
+                data = self._kept_data(name, mask, config)
             dtype = _dtype_from_name(name, dtypes[name]) if name in dtypes else mask.dtype
             entries[name] = (mask, dtype, config, data, name in squashed)
         return entries
+
+    def _kept_data(
+        self, name: str, mask: torch.Tensor, config: Mapping[str, Any]
+    ) -> torch.Tensor | None:
+        """The data ``name`` has now, kept by a load without data for it when the loaded mask
+        and config fit it; otherwise the name loads without data (``step`` skips it)."""
+        data = self._data.get(name)
+        if data is None or data.shape != mask.shape:
+            return None
+        try:
+            self._validate_data(name, data, config)
+        except (TypeError, ValueError):
+            return None
+        return data
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]

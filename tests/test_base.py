@@ -236,6 +236,16 @@ def test_step_gives_back_the_grad_mode_it_found_also_when_the_rule_raises():
     assert torch.is_grad_enabled()
 
 
+def test_a_config_edited_into_an_invalid_one_fails_the_step_before_any_mask_changes(unchanged):
+    s = DataNormSparsifier(sparsity_level=0.5)
+    s.add_data("a", torch.randn(4, 8))
+    s.add_data("b", torch.randn(4, 8))
+    s.data_groups["b"]["zeros_per_block"] = 5  # a 1x4 block has 4 entries
+    with unchanged(s), pytest.raises(ValueError, match="'b'.*zeros_per_block=5"):
+        s.step()
+    assert s._step_count == 0
+
+
 def test_step_does_nothing_when_mask_update_is_disabled():
     s = Recording([("a", torch.randn(3))])
     s.enable_mask_update = False
@@ -453,6 +463,20 @@ def test_squash_mask_with_an_unknown_name_squashes_nothing(unchanged):
     with unchanged(s), pytest.raises(UnknownDataError):
         s.squash_mask(names=["a", "nope"])
     assert not s.is_squashed("a")
+
+
+def test_squashing_data_whose_entries_share_memory_is_a_clear_error_squashing_nothing(unchanged):
+    s = DataNormSparsifier()
+    s.add_data("a", torch.randn(4, 8))
+    s.add_data("b", torch.randn(1, 8).expand(4, 8))
+    s.step()
+    with unchanged(s), pytest.raises(ValueError, match=r"'b'.*share memory.*expand\(\)"):
+        s.squash_mask(names=["a", "b"])
+    assert not s.is_squashed("a")
+    s.add_data("b", s.get_data("b").contiguous())  # the advised copy keeps the mask
+    s.squash_mask(names=["a", "b"])
+    assert s.is_squashed("a") and s.is_squashed("b")
+    assert torch.equal(s.get_data("b", return_original=False).eq(0), s.get_mask("b").eq(0))
 
 
 def test_squash_mask_with_a_positional_list_squashes_only_those_names():

@@ -64,6 +64,16 @@ BAD_ADD_DATA = {
         TypeError,
         "unsupported type Linear",
     ),
+    "sparse COO data": (
+        dict(data=torch.randn(2, 4).to_sparse()),
+        TypeError,
+        r"'x' has layout torch\.sparse_coo; accepted: dense",
+    ),
+    "sparse COO data under a registered name": (
+        dict(name="a", data=torch.randn(4, 8).to_sparse()),
+        TypeError,
+        r"'a' has layout torch\.sparse_coo",
+    ),
     "bool data for the norm rule": (
         dict(data=torch.ones(2, 4, dtype=torch.bool)),
         TypeError,
@@ -120,6 +130,7 @@ def test_bad_add_data_is_a_typed_error_and_changes_nothing(case, unchanged):
         (dict(zeros_per_block=-1), "zeros_per_block=-1"),
         (dict(sparse_block_shape=(2, 2), zeros_per_block=5), "outside 0..4"),
         (dict(sparse_block_shape=(1, -4)), "two positive ints"),
+        (dict(sparse_block_shape=4), r"two positive ints \(height, width\), got 4"),
         (dict(sparsity_level=math.nan), "sparsity_level"),
     ],
 )

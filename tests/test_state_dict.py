@@ -282,6 +282,10 @@ CORRUPTIONS = {
         _set(["data", "a"], torch.ones(4, 6, dtype=torch.bool)),
         "'a'.*real numbers",
     ),
+    "sparse COO data": (
+        _set(["data", "a"], torch.randn(4, 6).to_sparse()),
+        "'a'.*layout torch.sparse_coo",
+    ),
     "data not a dict": (_set(["data"], [1]), "'data' must be a dict"),
     "names differ": (_delete(["data_groups", "b"]), "names differ"),
     "extra config": (_set(["data_groups", "z"], {}), "names differ"),

@@ -45,7 +45,7 @@ import torch
 from pipesparse.sparsifiers._bits import float_bits, trailing_zeros
 from pipesparse.sparsifiers._scratch import scratch
 
-__all__ = ["matrix_shape", "supports", "write_mask"]
+__all__ = ["matrix_shape", "ranked_dtype", "supports", "write_mask"]
 
 _DIGIT_BITS = 12
 # signed keys holding the bits without the sign: numba turns uint64 mixed with int64 into float
@@ -53,6 +53,8 @@ _KEY_TYPES = {torch.float32: (torch.int32, 31, 23), torch.float64: (torch.int64,
 # masks the kernel writes directly: its data's float dtype, or one byte per entry (as uint8);
 # others go through a byte buffer. Each (data, mask) dtype pair is one compile (cached on disk)
 _BYTE_MASKS = (torch.bool, torch.uint8, torch.int8)
+# integers wider than float32's 24-bit significand: ranked in float64 (exact below 2**53)
+_WIDE_INTS = (torch.int32, torch.int64, torch.uint32, torch.uint64)
 _CACHE = threading.local()
 _CACHE_MAX = 16  # matrix shapes whose buffers a thread keeps
 _SORTED_MAX = 512  # up to this many keys, one in-place selection finds the k-th (no digits)
@@ -662,6 +664,16 @@ def _start_threads(count):
     return total
 
 
+def ranked_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The float dtype data of ``dtype`` is ranked in: its own for float32/float64, float64 for
+    wide integers (in float32, 2**24 + 1 would rank as 2**24), float32 for the rest, which it
+    holds exactly (float16, bfloat16, narrower integers; pooling in half precision would lose
+    the order of close norms)."""
+    if dtype in _KEY_TYPES:
+        return dtype
+    return torch.float64 if dtype in _WIDE_INTS else torch.float32
+
+
 def supports(data: torch.Tensor, mask: torch.Tensor, block: tuple[int, int], zeros: int) -> bool:
     """Whether :func:`write_mask` handles this data and mask (else the tensor-op path runs)."""
     return (
@@ -819,8 +831,8 @@ def write_mask(
     dropped, float32 or float64 data, ``out`` contiguous in the data's dtype. ``out`` may be
     ``data`` itself (masked in place) or must not overlap it.
 
-    float16, bfloat16 and integer data are ranked in float32, as the tensor-op path ranks
-    them. A mask of another dtype than the (ranked) data's, other than a one-byte one, is
+    Data of other dtypes is ranked in :func:`ranked_dtype`, as the tensor-op path ranks it.
+    A mask of another dtype than the (ranked) data's, other than a one-byte one, is
     written through a byte buffer."""
     fused = (
         out is not None
@@ -832,7 +844,7 @@ def write_mask(
         and out.is_contiguous()
     )
     in_place = fused and out.data_ptr() == data.data_ptr()
-    ranked = data if data.dtype in _KEY_TYPES else data.detach().float()
+    ranked = data if data.dtype in _KEY_TYPES else data.detach().to(ranked_dtype(data.dtype))
     height, width = _joined(*matrix_shape(data.shape), block)
     x = _array(ranked).reshape(-1, height, width)
     product = x if in_place else _array(out).reshape(x.shape) if fused else None

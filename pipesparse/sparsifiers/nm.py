@@ -12,13 +12,14 @@ The last dim must be a multiple of ``m``: a partial group has no N:M hardware la
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from pipesparse.base import BaseDataSparsifier, _as_tensor
+from pipesparse.base import BaseDataSparsifier
 
 __all__ = ["NMSparsifier", "nm_keep_mask", "to_semi_structured"]
 
@@ -36,12 +37,23 @@ def nm_keep_mask(data: torch.Tensor, n: int, m: int) -> torch.Tensor:
         return torch.ones(data.shape, dtype=torch.bool, device=data.device)
     if n == 0:
         return torch.zeros(data.shape, dtype=torch.bool, device=data.device)
-    magnitude = data.detach().abs()
-    groups = magnitude.reshape(*data.shape[:-1], data.shape[-1] // m, m)
-    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    key, descending = _magnitude_key(data.detach())
+    groups = key.reshape(*data.shape[:-1], data.shape[-1] // m, m)
+    order = torch.sort(groups, dim=-1, descending=descending, stable=True).indices
     keep = torch.zeros(groups.shape, dtype=torch.bool, device=data.device)
     keep.scatter_(-1, order[..., :n], True)
     return keep.reshape(data.shape)
+
+
+def _magnitude_key(data: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A key that sorts as |x| and whether it sorts descending. Signed integers rank by -|x|,
+    not ``abs()``, which overflows at the most negative value (int8 -128 stays -128, the
+    smallest instead of the largest); unsigned ones are their own magnitude."""
+    if data.is_floating_point():
+        return data.abs(), True
+    if data.is_signed():
+        return torch.minimum(data, data.neg()), False  # -|x|: the negation wraps only at the min
+    return data, True
 
 
 def to_semi_structured(masked: torch.Tensor) -> torch.Tensor:
@@ -60,7 +72,7 @@ def to_semi_structured(masked: torch.Tensor) -> torch.Tensor:
 
 def _check_nm(n: Any, m: Any) -> None:
     for key, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{key} must be an int, got {value!r}")
     if m <= 0 or not 0 <= n <= m:
         raise ValueError(f"N:M sparsity needs 0 <= n <= m and m > 0; got n={n}, m={m}")
@@ -96,25 +108,20 @@ class NMSparsifier(BaseDataSparsifier):
     def _validate_config(self, config: Mapping[str, Any]) -> None:
         _check_nm(config.get("n"), config.get("m"))
 
-    def _validate_data(self, name: str, data: torch.Tensor) -> None:
+    def _validate_data(self, name: str, data: torch.Tensor, config: Mapping[str, Any]) -> None:
         if data.dtype == torch.bool or data.is_complex():
             raise TypeError(f"NMSparsifier ranks real magnitudes; {name!r} has dtype {data.dtype}")
         if data.dim() == 0:
             raise ValueError(f"N:M sparsity needs at least one dim; {name!r} is a scalar")
+        if data.shape[-1] % config["m"]:
+            raise ValueError(
+                f"N:M sparsity needs the last dim of {name!r} to be a multiple of "
+                f"m={config['m']}; got shape {tuple(data.shape)} (pad the features first)"
+            )
 
     def add_data(
         self, name: str, data: Any, reuse_mask: bool = True, **config: Any
     ) -> torch.Tensor:
-        tensor = _as_tensor(name, data)
-        group = self.data_groups.get(name, self.defaults)
-        if config:
-            self._validate_config({**group, **config})
-        m = config.get("m", group["m"])
-        if tensor.dim() > 0 and tensor.shape[-1] % m:
-            raise ValueError(
-                f"N:M sparsity needs the last dim of {name!r} to be a multiple of m={m}; got "
-                f"shape {tuple(tensor.shape)} (pad the features first)"
-            )
         return self._emit(name, super().add_data(name, data, reuse_mask, **config))
 
     def get_data(self, name: str, return_original: bool = True) -> torch.Tensor:

@@ -16,6 +16,7 @@ kernel is tested against."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,9 +42,8 @@ def _as_matrices(data: torch.Tensor) -> torch.Tensor:
 
 
 def _elementwise_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
-    """|x| or x*x, in float32 or wider, into a scratch buffer."""
-    if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point():
-        x = x.float()  # pooling in half precision loses the order of close norms
+    """|x| or x*x in :func:`~._norm_kernel.ranked_dtype`, into a scratch buffer."""
+    x = x.to(_norm_kernel.ranked_dtype(x.dtype))  # no copy for float32/float64
     out = scratch("norm", x.shape, x.dtype, x.device)
     return torch.abs(x, out=out) if norm == "L1" else torch.mul(x, x, out=out)
 
@@ -105,6 +105,11 @@ def _sample_index(n: int, size: int, device: torch.device) -> torch.Tensor:
     return index
 
 
+def _nan_last(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with NaN as +inf: the rank this library gives NaN (it sorts last)."""
+    return values.nan_to_num(math.inf, math.inf, -math.inf)
+
+
 def _kth_by_sample(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | None:
     """The exact ``k``-th smallest of a (N,) tensor and how many values are <= it, or None when
     the sample's bracket missed.
@@ -120,8 +125,10 @@ def _kth_by_sample(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | N
     centre = k * size / n
     spread = 2.0 * math.sqrt(size)  # 4 sigma of a sample quantile's rank
     lo_rank, hi_rank = math.floor(centre - spread), math.ceil(centre + spread)
-    lo = sample.kthvalue(lo_rank).values if lo_rank >= 1 else -math.inf
-    hi = sample.kthvalue(hi_rank).values if hi_rank <= size else math.inf
+    # a NaN bound is +inf, as NaN ranks: compared as NaN it selects nothing, and `upto - under`
+    # would then mark the values below the bracket (-1) as inside it
+    lo = _nan_last(sample.kthvalue(lo_rank).values) if lo_rank >= 1 else -math.inf
+    hi = _nan_last(sample.kthvalue(hi_rank).values) if hi_rank <= size else math.inf
     under = torch.lt(values, lo, out=scratch("under", values.shape, values.dtype, values.device))
     upto = torch.le(values, hi, out=scratch("upto", values.shape, values.dtype, values.device))
     # NaN is in neither: it ranks above the bracket. Float sums of 0/1 are exact below 2**24.
@@ -146,7 +153,7 @@ def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     if values.shape[0] == 1 and values.shape[1] >= _SAMPLED_SELECTION_MIN:
         found = _kth_by_sample(values[0], k)
     if found is None:
-        values = values.nan_to_num(math.inf, math.inf, -math.inf)  # NaN sorts last, as inf
+        values = _nan_last(values)
         threshold = values.kthvalue(k, dim=1, keepdim=True).values
     else:
         threshold = found[0]
@@ -267,26 +274,31 @@ class DataNormSparsifier(BaseDataSparsifier):
         super().__init__(
             data_list,
             sparsity_level=sparsity_level,
-            sparse_block_shape=tuple(sparse_block_shape),
+            # a list as the tuple the reference stores; a non-sequence fails validation
+            sparse_block_shape=tuple(sparse_block_shape)
+            if isinstance(sparse_block_shape, list)
+            else sparse_block_shape,
             zeros_per_block=zeros_per_block,
         )
 
     def _validate_config(self, config: Mapping[str, Any]) -> None:
         level = config.get("sparsity_level")
-        if isinstance(level, bool) or not isinstance(level, (int, float)) or math.isnan(level):
+        if isinstance(level, bool) or not isinstance(level, numbers.Real) or math.isnan(level):
             raise ValueError(f"sparsity_level must be a number, got {level!r}")
         shape = config.get("sparse_block_shape")
         if (
             not isinstance(shape, (tuple, list))
             or len(shape) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+            or not all(
+                isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape
+            )
         ):
             raise ValueError(
                 f"sparse_block_shape must be two positive ints (height, width), got {shape!r}"
             )
         zeros = config.get("zeros_per_block")
         if zeros is not None:
-            if isinstance(zeros, bool) or not isinstance(zeros, int):
+            if isinstance(zeros, bool) or not isinstance(zeros, numbers.Integral):
                 raise ValueError(f"zeros_per_block must be an int or None, got {zeros!r}")
             if not 0 <= zeros <= shape[0] * shape[1]:
                 raise ValueError(
@@ -294,7 +306,7 @@ class DataNormSparsifier(BaseDataSparsifier):
                     f"{shape[0]}x{shape[1]} block)"
                 )
 
-    def _validate_data(self, name: str, data: torch.Tensor) -> None:
+    def _validate_data(self, name: str, data: torch.Tensor, config: Mapping[str, Any]) -> None:
         if data.dtype == torch.bool or data.is_complex():
             raise TypeError(
                 f"DataNormSparsifier needs real numbers to rank norms; {name!r} has dtype {data.dtype}"

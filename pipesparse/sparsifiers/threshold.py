@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,12 +30,12 @@ class ThresholdSparsifier(BaseDataSparsifier):
         threshold = config.get("threshold")
         if (
             isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
+            or not isinstance(threshold, numbers.Real)
             or math.isnan(threshold)
         ):
             raise ValueError(f"threshold must be a number, got {threshold!r}")
 
-    def _validate_data(self, name: str, data: torch.Tensor) -> None:
+    def _validate_data(self, name: str, data: torch.Tensor, config: Mapping[str, Any]) -> None:
         if data.dtype == torch.bool or data.is_complex():
             raise TypeError(
                 f"ThresholdSparsifier compares real magnitudes; {name!r} has dtype {data.dtype} "

@@ -268,7 +268,9 @@ class SparsifyTransform:
         ]
         if len(datas) > 1:
             for name, data in zip(names, datas, strict=True):
-                sparsifier._validate_data(name, data)
+                sparsifier._validate_data(
+                    name, data, sparsifier.data_groups.get(name, sparsifier.defaults)
+                )
         for name, tensor, data in zip(names, tensors, datas, strict=True):
             reuse = (
                 private

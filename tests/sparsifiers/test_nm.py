@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefNorm
 
-from pipesparse import NMSparsifier
+from pipesparse import CorruptStateError, NMSparsifier
 from pipesparse.sparsifiers.nm import nm_keep_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:semi_structured asked")
@@ -106,12 +107,33 @@ def test_dtypes_mask_in_place_and_keep_dtype(dtype):
     assert masked.tolist() == torch.tensor([[4, 0, 3, 0, 7, 6, 0, 0]]).to(dtype).tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+def test_the_most_negative_integer_is_the_largest_magnitude(dtype):
+    # abs() overflows there (int8: -128 stays -128), which would rank it the smallest
+    low = torch.iinfo(dtype).min
+    data = torch.tensor([[low, 1, 2, 3], [3, -2, low + 1, 0]], dtype=dtype)
+    sparsifier, _ = _stepped(data)
+    assert sparsifier.get_mask("x").tolist() == [[1, 0, 0, 1], [1, 0, 1, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_integers_are_their_own_magnitude(dtype):
+    data = torch.tensor([[255, 1, 2, 3], [0, 9, 9, 4]], dtype=dtype)
+    assert nm_keep_mask(data, 2, 4).tolist() == [[1, 0, 0, 1], [0, 1, 1, 0]]
+
+
 @pytest.mark.parametrize(
     ("n", "m"), [(3, 2), (-1, 4), (2, 0), (2.0, 4), (True, 4), (2, "4"), (None, 4)]
 )
 def test_bad_n_m_is_value_error(n, m):
     with pytest.raises(ValueError, match="N:M sparsity needs|must be an int"):
         NMSparsifier(n=n, m=m)
+
+
+def test_numpy_integers_are_accepted_for_n_and_m():
+    sparsifier, _ = _stepped(torch.randn(2, 8), n=np.int64(1), m=np.int32(4))
+    assert (sparsifier.get_mask("x").reshape(-1, 4).sum(dim=1) == 1).all()
+    assert [type(v) for v in sparsifier.defaults.values()] == [int, int]
 
 
 def test_bad_per_name_config_leaves_state_intact(unchanged):
@@ -172,6 +194,55 @@ def test_state_dict_round_trip_restores_masks_and_config(same):
     restored.load_state_dict(state)
     same(state, restored.state_dict())
     assert restored.data_groups["b"] == {"n": 2, "m": 3}
+
+
+def _state_with_b(data: torch.Tensor, m: int = 4) -> dict:
+    """A stepped 2:4 sparsifier's state with the data and config of 'b' replaced."""
+    sparsifier = NMSparsifier(n=2, m=4)
+    sparsifier.add_data("a", torch.randn(2, 8))
+    sparsifier.add_data("b", torch.randn(2, 8))
+    sparsifier.step()
+    state = sparsifier.state_dict()
+    state["data"]["b"] = data
+    state["state"]["b"]["mask"] = torch.ones(data.shape, dtype=torch.bool)
+    state["data_groups"]["b"]["m"] = m
+    return state
+
+
+@pytest.mark.parametrize(
+    "data,m", [(torch.randn(2, 6), 4), (torch.randn(2, 8), 3)], ids=["last dim 6", "m=3"]
+)
+def test_loading_data_that_m_does_not_divide_is_corrupt_and_changes_nothing(data, m, unchanged):
+    state = _state_with_b(data, m)
+    sparsifier = NMSparsifier()
+    sparsifier.add_data("a", torch.randn(2, 4))
+    with unchanged(sparsifier), pytest.raises(CorruptStateError, match=r"'b'.*multiple of m="):
+        sparsifier.load_state_dict(state)
+
+
+def test_a_load_without_data_keeps_attached_data_only_if_the_loaded_m_divides_it():
+    state = _state_with_b(torch.randn(2, 6), m=3)
+    del state["data"]
+    sparsifier = NMSparsifier(n=1, m=2)
+    sparsifier.add_data("b", torch.randn(2, 6))
+    sparsifier.load_state_dict(state)
+    assert sparsifier.get_data("b").shape == (2, 6)  # m=3 divides 6: kept
+    state["data_groups"]["b"]["m"] = 4
+    sparsifier.load_state_dict(state)
+    with pytest.raises(ValueError, match="no data attached to 'b'"):
+        sparsifier.get_data("b")
+    sparsifier.step()  # 'b' without data is skipped
+
+
+def test_a_config_edited_into_one_m_does_not_divide_fails_the_step_before_any_mask_changes(
+    unchanged,
+):
+    sparsifier = NMSparsifier(n=2, m=4)
+    sparsifier.add_data("a", torch.randn(2, 8))
+    sparsifier.add_data("b", torch.randn(2, 8))
+    sparsifier.data_groups["b"]["m"] = 3
+    with unchanged(sparsifier), pytest.raises(ValueError, match=r"'b'.*multiple of m=3"):
+        sparsifier.step()
 
 
 def test_semi_structured_needs_two_four():

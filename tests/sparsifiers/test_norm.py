@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -137,6 +138,44 @@ def test_integer_data_is_ranked_by_its_values():
     s = DataNormSparsifier([("x", x)])
     s.step()
     assert s.get_data("x", return_original=False).tolist() == [[9, 9, 9, 9, 0, 0, 0, 0]]
+
+
+def test_numpy_scalars_in_the_config_are_accepted_and_saved_as_python_numbers(tmp_path):
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    s = DataNormSparsifier(
+        sparsity_level=np.float32(0.5),
+        sparse_block_shape=(np.int64(2), np.int32(2)),
+        zeros_per_block=np.int64(3),
+    )
+    s.add_data("x", x, sparsity_level=np.float64(0.25))
+    s.step()
+    assert torch.equal(
+        s.get_mask("x"),
+        _mask(x, sparsity_level=0.25, sparse_block_shape=(2, 2), zeros_per_block=3),
+    )
+    torch.save(s.state_dict(), tmp_path / "state.pt")
+    groups = torch.load(tmp_path / "state.pt", weights_only=True)["data_groups"]
+    assert groups["x"] == {
+        "sparsity_level": 0.25,
+        "sparse_block_shape": (2, 2),
+        "zeros_per_block": 3,
+    }
+    assert type(s.defaults["sparsity_level"]) is float
+    assert [type(d) for d in s.defaults["sparse_block_shape"]] == [int, int]
+    s.data_groups["x"]["sparsity_level"] = np.float32(0.5)  # as a scheduler may write it
+    torch.save(s.state_dict(), tmp_path / "state.pt")
+    groups = torch.load(tmp_path / "state.pt", weights_only=True)["data_groups"]
+    assert groups["x"]["sparsity_level"] == 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("rule", ["L1", "L2"])
+def test_wide_integers_above_2_to_the_24_keep_their_order(dtype, rule):
+    # float32 would round 2**24 + 1 to 2**24: a tie, and the lower index would be dropped
+    x = torch.tensor([[2**24 + 1, 2**24]], dtype=dtype)
+    config = dict(sparsity_level=0.5, sparse_block_shape=(1, 1), norm=rule)
+    assert _mask(x, **config).tolist() == [[1, 0]]  # the compiled kernel on CPU
+    assert norm_keep_mask(x, 0.5, (1, 1), None, rule).tolist() == [[True, False]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -43,6 +43,47 @@ def test_smallest_breaks_ties_by_index_on_long_rows(rows, length, levels):
         assert torch.equal(norm._smallest(values.clone(), k), _sorted_smallest(values, k))
 
 
+def _sorted_keep_mask(x, level, block_w):
+    """Keep mask of 1 x ``block_w`` blocks by a stable sort of the block means (NaN as +inf)."""
+    means = F.avg_pool2d(x.abs()[None], (1, block_w), (1, block_w)).view(1, -1)
+    dropped = _sorted_smallest(means, round(level * means.numel())).view(x.shape[0], -1, 1)
+    return dropped.logical_not().expand(-1, -1, block_w).reshape(x.shape)
+
+
+@pytest.mark.parametrize("level", [0.3, 0.5, 0.9])
+@pytest.mark.parametrize("shift", [-0.05, -0.01, -0.001, 0.0, 0.001, 0.01, 0.05])
+def test_sampled_selection_is_exact_when_a_share_of_the_norms_is_nan(level, shift):
+    # NaN ranks as +inf: a share of NaN norms near 1 - level puts the sample's upper (or both)
+    # bracket bounds on NaN. 256 x 512 with 1x4 blocks: 32768 blocks, the sampled path
+    generator = torch.Generator().manual_seed(round(1000 * (level + shift)))
+    x = torch.randn(256, 512, generator=generator)
+    blocks = x.view(-1, 4)
+    share = 1 - level + shift
+    nan_blocks = torch.randperm(blocks.shape[0], generator=generator)[: round(share * len(blocks))]
+    blocks[nan_blocks, 1] = math.nan
+    expected = _sorted_keep_mask(x, level, 4)
+    assert torch.equal(norm_keep_mask(x, level, (1, 4), None), expected)
+    sparsifier = DataNormSparsifier(sparsity_level=level, sparse_block_shape=(1, 4))
+    sparsifier.add_data("x", x)
+    sparsifier.step()  # the compiled kernel on CPU
+    assert torch.equal(sparsifier.get_mask("x").bool(), expected)
+
+
+def test_a_sparsifier_with_nan_in_half_the_blocks_drops_the_blocks_a_stable_sort_drops():
+    # 5x5 blocks with one zero each: the sparsifier's tensor-op path on CPU. 185 x 185 blocks
+    # (>= 32768: sampled selection), the first 90 block rows NaN, half the blocks dropped
+    x = torch.randn(925, 925, generator=torch.Generator().manual_seed(0))
+    x[:450] = math.nan
+    sparsifier = DataNormSparsifier(
+        sparsity_level=0.5, sparse_block_shape=(5, 5), zeros_per_block=1
+    )
+    sparsifier.add_data("x", x)
+    sparsifier.step()
+    touched = (sparsifier.get_mask("x") == 0).view(185, 5, 185, 5).any(3).any(1)
+    means = F.avg_pool2d(x.abs()[None], 5, 5).view(1, -1)
+    assert torch.equal(touched.view(1, -1), _sorted_smallest(means, round(0.5 * means.numel())))
+
+
 @pytest.mark.parametrize("block", [(1, 2), (1, 4), (2, 2), (4, 4), (1, 8), (2, 4)])
 def test_block_means_are_bit_identical_to_avg_pool2d(block):
     values = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(1)).abs()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -84,7 +85,15 @@ def test_mask_is_exactly_abs_at_least_threshold(values, threshold):
     assert torch.equal(s.get_mask("x").bool(), x.abs() >= threshold)
 
 
-@pytest.mark.parametrize("threshold", [math.nan, "0.1", None, True, [0.1]])
+def test_a_numpy_threshold_is_accepted():
+    s = ThresholdSparsifier([("x", torch.tensor([0.2, 0.6]))], threshold=np.float32(0.5))
+    s.add_data("y", torch.tensor([0.2, 0.6]), threshold=np.float64(0.1))
+    s.step()
+    assert s.get_mask("x").tolist() == [0.0, 1.0] and s.get_mask("y").tolist() == [1.0, 1.0]
+    assert type(s.defaults["threshold"]) is float
+
+
+@pytest.mark.parametrize("threshold", [math.nan, "0.1", None, True, [0.1], np.bool_(True)])
 def test_bad_threshold_is_a_value_error(threshold, unchanged):
     with pytest.raises(ValueError, match="threshold must be a number"):
         ThresholdSparsifier(threshold=threshold)
