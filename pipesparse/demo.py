@@ -4,7 +4,6 @@ and pictures of the masks and of digits before/after."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from pipesparse.plot import plot_masks, plot_samples
 from pipesparse.shards.coo import read_sparse
 from pipesparse.shards.fit import fit, fit_report
+from pipesparse.shards.manifest import MANIFEST_NAME
 from pipesparse.shards.preprocess import preprocess
 from pipesparse.shards.state import describe_state, load_state_file
 
@@ -40,7 +40,7 @@ def write_digit_shards(folder: Path, shards: int = SHARDS) -> torch.Tensor:
                 "label": pa.array(digits.target[rows], type=pa.int64()),
             }
         )
-        pq.write_table(table, folder / f"digits-{index:02d}.parquet")
+        pq.write_table(table, folder / f"digits-{index:02d}.parquet")  # as in _SHARD_FILES
     return torch.from_numpy(images)
 
 
@@ -49,22 +49,53 @@ def _zeros(folder: Path) -> tuple[float, torch.Tensor]:
     return float(images.eq(0).float().mean()), images
 
 
-_OUTPUTS = frozenset(
-    {"shards", "masks.pt", "frozen_dense", "frozen_coo", "per_row_coo", "masks.png", "samples.png"}
-)
+RUNS = ("frozen_dense", "frozen_coo", "per_row_coo")  # one output folder per preprocess run
+_FOLDERS = frozenset({"shards", *RUNS})
+_FILES = frozenset({"masks.pt", "masks.png", "samples.png"})
+_SHARD_FILES = frozenset(f"digits-{index:02d}.parquet" for index in range(SHARDS))
+_RUN_FILES = _SHARD_FILES | {MANIFEST_NAME, ".pipesparse.lock"}
+_TEMP = ".pipesparse-"  # temp files and scratch folders of a killed run start with it
+
+
+def _written_by_demo(relative: tuple[str, ...], is_dir: bool) -> bool:
+    """Whether the demo writes this path (relative to its folder), or a killed demo left it."""
+    top, *rest = relative
+    if not rest:
+        if top in _FOLDERS:
+            return is_dir
+        return not is_dir and (top in _FILES or top.startswith(_TEMP))
+    if top not in _FOLDERS:
+        return False
+    if top in RUNS and rest[0].startswith(_TEMP):
+        return True  # a temp file, or a scratch folder and what is in it
+    files = _SHARD_FILES if top == "shards" else _RUN_FILES
+    return len(rest) == 1 and not is_dir and rest[0] in files
 
 
 def _clear(out: Path) -> None:
-    """Remove a previous demo's output; refuse to delete a folder the demo did not write."""
-    if not out.exists():
+    """Remove a previous demo's output, file by file: only what the demo writes. Anything else
+    in the folder (also inside the demo's own subfolders, and any symlink) makes the demo
+    refuse before it deletes anything."""
+    if not out.exists() and not out.is_symlink():
         return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OUTPUTS)
-    if not out.is_dir() or foreign:
+    if not out.is_dir() or out.is_symlink():
+        raise ValueError(f"{out} exists and is not a folder the demo wrote; pass another --out")
+    paths = sorted(out.rglob("*"), key=lambda p: len(p.parts), reverse=True)  # deepest first
+    foreign = sorted(
+        p.relative_to(out).as_posix()
+        for p in paths
+        if p.is_symlink() or not _written_by_demo(p.relative_to(out).parts, p.is_dir())
+    )
+    if foreign:
         raise ValueError(
             f"{out} exists and holds files the demo did not write ({foreign[:3]}); "
             "pass another --out"
         )
-    shutil.rmtree(out)
+    for path in paths:
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink()
 
 
 def run_demo(out: str | Path = "demo_out", quiet: bool = False) -> dict:
@@ -81,11 +112,12 @@ def run_demo(out: str | Path = "demo_out", quiet: bool = False) -> dict:
     print(fit_report(state, state_path))
 
     runs = {}
-    for name, kwargs in {
-        "frozen_dense": {"state": str(state_path)},
-        "frozen_coo": {"state": str(state_path), "out_format": "coo"},
-        "per_row_coo": {"sparsifier": "norm", "config": CONFIG, "out_format": "coo"},
-    }.items():
+    options = (
+        {"state": str(state_path)},
+        {"state": str(state_path), "out_format": "coo"},
+        {"sparsifier": "norm", "config": CONFIG, "out_format": "coo"},
+    )
+    for name, kwargs in zip(RUNS, options, strict=True):
         summary = preprocess([str(out / "shards")], out / name, "image", quiet=quiet, **kwargs)
         runs[name] = summary
         print(f"{name}: {summary}")

@@ -196,3 +196,26 @@ def test_module_and_console_script_are_the_same(tmp_path):
     )  # fmt: skip
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.startswith("pipesparse inspect: error: state file")
+
+
+def test_a_fit_file_applies_to_its_own_columns_only(tmp_path, shards, capsys):
+    state = str(tmp_path / "s.pt")
+    assert main(["fit", str(shards), "--columns", "x", "--out", state, "--quiet"]) == 0
+    base = ["preprocess", str(shards), "--out", str(tmp_path / "o"), "--state", state]
+    pq.write_table(
+        pa.table({"y": pa.array([[1.0] * 8] * 3, pa.list_(pa.float32()))}), tmp_path / "y.parquet"
+    )
+    other = ["preprocess", str(tmp_path / "y.parquet"), "--out", str(tmp_path / "oy")]
+    assert "has no mask for column 'y'" in _error(
+        capsys, [*other, "--columns", "y", "--state", state]
+    )
+    assert main([*base, "--columns", "x", "--quiet"]) == 0
+
+
+def test_corrupt_state_files_are_one_line_errors(tmp_path, shards, capsys):
+    torch.save({"state": 5, "data_groups": {}}, tmp_path / "bad.pt")
+    message = _error(capsys, ["inspect", str(tmp_path / "bad.pt")])
+    assert "bad.pt: state is int 5, expected a dict" in message
+    argv = ["preprocess", str(shards), "--out", str(tmp_path / "o"), "--columns", "x",
+            "--sparsifier", "norm", "--state", str(tmp_path / "bad.pt")]  # fmt: skip
+    assert "bad.pt: state is int 5, expected a dict" in _error(capsys, argv)

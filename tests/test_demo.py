@@ -24,3 +24,29 @@ def test_demo_never_deletes_a_folder_it_did_not_write(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 1
     assert "holds files the demo did not write (['thesis.tex'])" in capsys.readouterr().err
     assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_demo_never_deletes_files_inside_its_own_folders(tmp_path, capsys):
+    out = tmp_path / "myproj"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    (out / "shards" / "my_data.parquet").write_text("precious")
+    (out / "frozen_coo" / "digits-00.parquet").unlink()
+    (out / "frozen_coo" / "digits-00.parquet").mkdir()  # a demo file name, but a folder
+    (out / "frozen_coo" / "digits-00.parquet" / "notes.txt").write_text("precious")
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "frozen_coo/digits-00.parquet" in err and "shards/my_data.parquet" in err
+    assert (out / "shards" / "my_data.parquet").read_text() == "precious"
+    assert (out / "frozen_coo" / "digits-00.parquet" / "notes.txt").read_text() == "precious"
+    assert (out / "masks.pt").exists()  # nothing was deleted
+
+
+def test_demo_replaces_its_own_output_and_leftovers_of_a_killed_run(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    (out / "per_row_coo" / ".pipesparse-digits-01.parquet.123.tmp").write_bytes(b"half")
+    (out / "frozen_coo" / "digits-02.parquet").unlink()
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    assert not list(out.rglob(".pipesparse-*.tmp"))
+    assert (out / "frozen_coo" / "digits-02.parquet").exists()

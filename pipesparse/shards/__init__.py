@@ -7,7 +7,7 @@ dense tensors.
 """
 
 from pipesparse.shards.coo import read_sparse
-from pipesparse.shards.errors import ShardError, ShardTypeError
+from pipesparse.shards.errors import ManifestError, ShardError, ShardTypeError
 from pipesparse.shards.fit import fit
 from pipesparse.shards.manifest import Manifest
 from pipesparse.shards.preprocess import Summary, preprocess
@@ -15,6 +15,7 @@ from pipesparse.shards.resume import ResumeRefusedError
 
 __all__ = [
     "Manifest",
+    "ManifestError",
     "ResumeRefusedError",
     "ShardError",
     "ShardTypeError",

@@ -19,7 +19,17 @@ import torch
 
 from pipesparse.shards.errors import ShardError, ShardTypeError
 
-__all__ = ["ColumnSpec", "check_column", "column_spec", "from_tensor", "list_levels", "to_tensor"]
+__all__ = [
+    "ColumnSpec",
+    "check_column",
+    "column_spec",
+    "exact_integers",
+    "float_tensor",
+    "from_tensor",
+    "list_levels",
+    "to_numpy",
+    "to_tensor",
+]
 
 ACCEPTED = (
     "lists of numbers of one fixed shape per row: list<float>, fixed_size_list<float>[D], "
@@ -113,10 +123,11 @@ def _reject_nulls(
         )
 
 
-def to_tensor(
+def to_numpy(
     array: pa.Array | pa.ChunkedArray, spec: ColumnSpec, file: str, row_offset: int
-) -> torch.Tensor:
-    """``(rows, *spec.shape)`` tensor of a batch's column; ShardError names the first bad row."""
+) -> np.ndarray:
+    """``(rows, *spec.shape)`` values of a batch's column, in its own dtype; ShardError names
+    the first bad row."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
     rows = len(array)
@@ -145,10 +156,31 @@ def to_tensor(
         current = current.flatten()
         per_row *= size
     _reject_nulls(current, "value", file, spec.name, row_offset, per_row)
-    values = current.to_numpy(zero_copy_only=False).reshape(rows, *spec.shape)
-    if pa.types.is_integer(leaf):
+    return current.to_numpy(zero_copy_only=False).reshape(rows, *spec.shape)
+
+
+def to_tensor(
+    array: pa.Array | pa.ChunkedArray, spec: ColumnSpec, file: str, row_offset: int
+) -> torch.Tensor:
+    """A writable tensor of a batch's column to compute masks from (see :func:`float_tensor`)."""
+    return float_tensor(to_numpy(array, spec, file, row_offset))
+
+
+def float_tensor(values: np.ndarray) -> torch.Tensor:
+    """A writable tensor of ``values`` to compute masks from: floats as they are, integers as
+    float64 (masks are applied to their exact values by :func:`exact_integers`)."""
+    if np.issubdtype(values.dtype, np.integer):
         values = values.astype(np.float64)
     return torch.from_numpy(np.require(values, requirements="W"))
+
+
+def exact_integers(masked: torch.Tensor, values: np.ndarray) -> torch.Tensor:
+    """The integer ``values`` where ``masked`` (their float64 copy times the mask) is non-zero,
+    0 elsewhere: exactly the kept values, as int64 (uint64 bit for bit, which the cast back to
+    the column's type undoes). A non-zero integer never becomes 0.0 in float64, so ``masked``
+    is non-zero exactly where the mask keeps a non-zero value."""
+    exact = values.view(np.int64) if values.dtype == np.uint64 else values
+    return torch.where(masked != 0, torch.from_numpy(exact.astype(np.int64)), 0)
 
 
 def from_tensor(tensor: torch.Tensor, like: pa.DataType) -> pa.Array:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipesparse.shards.columns import ColumnSpec, to_tensor
+from pipesparse.shards.columns import ColumnSpec, to_numpy
 
 __all__ = ["METADATA_KEY", "coo_type", "decode", "encode", "output_metadata", "read_sparse"]
 
@@ -64,11 +64,10 @@ def decode(
     counts = (indices.offsets.to_numpy()[1:] - indices.offsets.to_numpy()[:-1]).astype(np.int64)
     row_of = np.repeat(np.arange(rows, dtype=np.int64), counts)
     positions = row_of * size + indices.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    dense = torch.zeros(rows * size, dtype=dtype)
-    dense[torch.from_numpy(positions)] = torch.from_numpy(
-        np.require(values.flatten().to_numpy(zero_copy_only=False), requirements="W")
-    ).to(dtype)
-    return dense.reshape(rows, *shape)
+    flat = values.flatten().to_numpy(zero_copy_only=False)
+    dense = np.zeros(rows * size, dtype=flat.dtype)  # numpy: torch cannot scatter uint64
+    dense[positions] = flat
+    return torch.from_numpy(dense).to(dtype).reshape(rows, *shape)
 
 
 def output_metadata(
@@ -114,5 +113,6 @@ def read_sparse(path: str | Path, columns: list[str] | None = None) -> dict[str,
             out[name] = decode(table.column(name), shape, dtype)
         else:
             spec = ColumnSpec(name, shape, str(path))
-            out[name] = to_tensor(table.column(name), spec, str(path), 0).to(dtype)
+            values = to_numpy(table.column(name), spec, str(path), 0)  # integers stay exact
+            out[name] = torch.from_numpy(np.require(values, requirements="W")).to(dtype)
     return out

@@ -30,6 +30,11 @@ class ShardTypeError(ShardError, TypeError):
     """A column whose type cannot be sparsified (strings, bools, structs ...)."""
 
 
+class ManifestError(ShardError):
+    """A ``manifest.json`` that is not one pipesparse wrote: not JSON, a key missing or of the
+    wrong type, or a shard name that is not a file inside the output folder."""
+
+
 def find_shard_error(err: BaseException) -> ShardError | None:
     """The ShardError behind ``err``, which engines (Ray, ``datasets`` workers) may wrap."""
     seen: set[int] = set()

@@ -63,7 +63,9 @@ class Shard:
     kind: str
 
     def _fail(self, err: Exception) -> ShardError:
-        return ShardError(self.path, f"cannot read the file: {err}")
+        """pyarrow's message may span lines; the error is one line (the CLI prints one)."""
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        return ShardError(self.path, f"cannot read the file: {'; '.join(lines)}")
 
     def schema(self) -> pa.Schema:
         try:

@@ -17,10 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
-from pipesparse.shards.columns import ColumnSpec, from_tensor, list_levels, to_tensor
+from pipesparse.shards.columns import (
+    ColumnSpec,
+    exact_integers,
+    float_tensor,
+    from_tensor,
+    list_levels,
+    to_numpy,
+)
 from pipesparse.shards.config import make_sparsifier, sparsifier_class
 from pipesparse.shards.coo import coo_type, encode, output_metadata
 from pipesparse.shards.inputs import Shard, file_sha256
@@ -66,6 +74,8 @@ class Job:
                 f"unknown output format {self.out_format!r}; accepted: {', '.join(FORMATS)}"
             )
         self.make_transform()  # bad config or state fails here, before anything is written
+        if self.state is None:
+            self._check_rows_fit_the_rule()
 
     @property
     def masks(self) -> str:
@@ -83,19 +93,34 @@ class Job:
             "state": self.state_info,
         }
 
-    def make_transform(self) -> SparsifyTransform:
+    def _check_rows_fit_the_rule(self) -> None:
+        """Mask one zero row of every column, so a config that does not fit a row shape (an N:M
+        group of ``m`` that does not divide the row width) fails before anything is written."""
+        for spec in self.columns:
+            row = torch.zeros(1, *spec.shape)
+            try:
+                self.make_transform([spec]).apply_in_place(per_row_view({spec.name: row}))
+            except ValueError as err:
+                raise ValueError(
+                    f"--sparsifier {self.sparsifier} with --config {jsonable(self.config)} does "
+                    f"not fit column {spec.name!r}, whose rows have shape {spec.shape}: {err}"
+                ) from None
+
+    def make_transform(self, columns: list[ColumnSpec] | None = None) -> SparsifyTransform:
+        """The transform of the job, over ``columns`` (default: all of the job's)."""
+        keys = [c.name for c in (self.columns if columns is None else columns)]
         if self.state is None:
             return SparsifyTransform(
                 make_sparsifier(self.sparsifier, self.config),
                 name=TRANSFORM_NAME,
-                keys=[c.name for c in self.columns],
+                keys=keys,
                 update="every_batch",
                 mask_over="batch",
             )
         transform = SparsifyTransform(
             make_sparsifier(self.sparsifier, {}),
             name=TRANSFORM_NAME,
-            keys=[c.name for c in self.columns],
+            keys=keys,
             update="frozen",
             mask_over="features",
         )
@@ -119,6 +144,12 @@ class Job:
         return pa.schema(fields, metadata=metadata)
 
 
+def per_row_view(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-row masks see each 1-D row of ``D`` values as a ``1 x D`` matrix of its own (a
+    ``(rows, 1, D)`` view); N-D rows are their own matrices already."""
+    return {n: t.reshape(t.shape[0], 1, -1) if t.dim() == 2 else t for n, t in tensors.items()}
+
+
 def _positive_zeros_(tensor: torch.Tensor) -> torch.Tensor:
     """``-0.0 + 0.0`` is ``+0.0`` in IEEE arithmetic and ``x + 0.0`` is ``x`` bit for bit for
     every other value (NaN and subnormals included): one in-place pass, no comparison."""
@@ -140,17 +171,19 @@ class BatchProcessor:
         job = self.job
         rows = batch.num_rows
         schema = job.output_schema(batch.schema)
-        tensors = {c.name: to_tensor(batch.column(c.name), c, file, first_row) for c in job.columns}
+        values = {c.name: to_numpy(batch.column(c.name), c, file, first_row) for c in job.columns}
+        integers = {n for n, v in values.items() if np.issubdtype(v.dtype, np.integer)}
+        tensors = {n: float_tensor(v) for n, v in values.items()}
         if rows:
-            if job.state is None:  # each 1-D row is a 1 x D matrix of its own
-                view = {
-                    n: t.reshape(rows, 1, -1) if t.dim() == 2 else t for n, t in tensors.items()
-                }
-            else:
-                view = tensors
-            with torch.no_grad():  # to_tensor copies out of Arrow: the tensors are ours to write
+            view = per_row_view(tensors) if job.state is None else tensors
+            with torch.no_grad():  # float_tensor copies out of Arrow: the tensors are ours to write
                 masked = self.transform.apply_in_place(view)
-            tensors = {n: _positive_zeros_(masked[n].reshape(t.shape)) for n, t in tensors.items()}
+            tensors = {
+                n: exact_integers(masked[n].reshape(t.shape), values[n])
+                if n in integers
+                else _positive_zeros_(masked[n].reshape(t.shape))
+                for n, t in tensors.items()
+            }
         arrays = []
         for field in batch.schema:
             if field.name not in tensors:
@@ -184,6 +217,7 @@ def build_job(
             "is in the state file); drop --config, or drop --state for per-row masks"
         )
     raw = load_state_file(state)
+    transform_state = transform_state_for(raw, state, specs)  # checks the file's types first
     fitted_with = raw.get("sparsifier") if raw.get("format") == FIT_FORMAT else None
     if sparsifier is None:
         if fitted_with is None:
@@ -193,7 +227,6 @@ def build_job(
         sparsifier = fitted_with
     elif fitted_with is not None and fitted_with != sparsifier:
         raise ValueError(f"{state} was fitted with --sparsifier {fitted_with}, not {sparsifier}")
-    transform_state = transform_state_for(raw, state, specs)
     recorded = (
         raw.get("config")
         if fitted_with is not None

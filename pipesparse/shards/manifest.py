@@ -4,6 +4,10 @@ The manifest is rewritten atomically after every finished shard, so it always li
 the shards that are complete on disk (each with its rows and sha256). ``job`` is the identity
 of the run (sparsifier, config, columns, format, mask mode, state file checksum, input shard
 checksums); a rerun resumes only when its job is the same.
+
+A loaded manifest is checked key by key (types, and shard names that are plain relative paths
+ending in ``.parquet``, never leaving the folder), since resuming and ``--overwrite`` delete
+files by those names.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipesparse.shards.errors import ManifestError
 from pipesparse.shards.inputs import file_sha256
 from pipesparse.shards.writer import atomic_write_bytes
 
@@ -20,6 +25,65 @@ __all__ = ["MANIFEST_FORMAT", "MANIFEST_NAME", "Manifest"]
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "pipesparse.manifest/1"
 _JOB_KEYS = ("sparsifier", "sparsifier_class", "config", "columns", "format", "masks")
+_JOB_TYPES = {
+    **dict.fromkeys(("sparsifier", "sparsifier_class", "format", "masks"), str),
+    "config": dict,
+    "columns": dict,
+    "state": (dict, type(None)),
+    "inputs": dict,
+}
+_STATE_TYPES = {"path": str, "sha256": str}
+_INPUT_TYPES = {"path": str, "sha256": str, "bytes": int}
+_SHARD_TYPES = {"rows": int, "bytes": int, "sha256": str}
+_TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", type(None): "null"}
+
+
+def _is_shard_name(name: str) -> bool:
+    """A relative path of a ``.parquet`` file that stays inside the output folder
+    (``a.parquet``, ``train/a.parquet``): no ``..``, no absolute path, no backslash."""
+    return (
+        name.endswith(".parquet")
+        and "\\" not in name
+        and "\0" not in name
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    )
+
+
+def _check_fields(value: Any, types: dict[str, Any], where: str) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} is {type(value).__name__}, expected an object")
+    for key, expected in types.items():
+        if key not in value:
+            raise ValueError(f"{where} has no key {key!r}")
+        kinds = expected if isinstance(expected, tuple) else (expected,)
+        found = value[key]
+        if not isinstance(found, kinds) or isinstance(found, bool):
+            wanted = " or ".join(_TYPE_NAMES[k] for k in kinds)
+            raise ValueError(f"{where}[{key!r}] is {found!r}, expected {wanted}")
+
+
+def _check_entries(entries: dict, types: dict[str, Any], where: str) -> None:
+    for name, entry in entries.items():
+        if not _is_shard_name(name):
+            raise ValueError(
+                f"{where} name {name!r} is not a relative path of a .parquet file inside the "
+                "output folder"
+            )
+        _check_fields(entry, types, f"{where}[{name!r}]")
+
+
+def _check(data: Any) -> None:
+    """ValueError naming the first key of ``data`` that is not what a manifest holds."""
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"format is {found!r}, expected {MANIFEST_FORMAT!r}")
+    _check_fields(data, {"job": dict, "shards": dict}, "the manifest")
+    job = data["job"]
+    _check_fields(job, _JOB_TYPES, "job")
+    if job["state"] is not None:
+        _check_fields(job["state"], _STATE_TYPES, "job['state']")
+    _check_entries(job["inputs"], _INPUT_TYPES, "job['inputs']")
+    _check_entries(data["shards"], _SHARD_TYPES, "shards")
 
 
 class Manifest:
@@ -44,19 +108,19 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: str | Path) -> Manifest | None:
-        """The manifest in ``folder``, or None when there is none."""
+        """The manifest in ``folder``, or None when there is none; ManifestError (naming the
+        file and the key) when it is not one pipesparse wrote."""
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
-            if data.get("format") != MANIFEST_FORMAT:
-                raise ValueError(f"format is {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-            return cls(folder, data["job"], data["shards"])
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(
-                f"{path} is not a pipesparse manifest ({err}); use --overwrite to start over"
+            data = json.loads(path.read_bytes())
+            _check(data)
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ManifestError(
+                str(path), f"not a pipesparse manifest: {err}; use --overwrite to start over"
             ) from None
+        return cls(folder, data["job"], data["shards"])
 
     def save(self) -> None:
         payload = {"format": MANIFEST_FORMAT, "job": self.job, "shards": self.shards}

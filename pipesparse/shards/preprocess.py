@@ -5,7 +5,8 @@ state fails here); lock the output folder; compare with its manifest (resume, re
 start over with ``overwrite``: :mod:`pipesparse.shards.resume`); remove temp files of a
 killed run; then for every shard not
 already complete (recorded *and* matching its checksum), stream the engine's output into a
-temp file, publish it with a rename, and record it in the manifest.
+temp file until it holds as many rows as the input shard, publish it with a rename, and record
+it in the manifest.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from pipesparse.shards.engines import ENGINES, make_engine
 from pipesparse.shards.errors import ShardError, find_shard_error
@@ -110,6 +114,12 @@ def preprocess(
     started = time.perf_counter()
     folder = Path(out)
     inside = folder.resolve()
+    for argument in inputs:  # output shards could overwrite it: refused, not skipped
+        if Path(argument).is_file() and Path(argument).resolve().is_relative_to(inside):
+            raise ValueError(
+                f"input file {argument} is inside the output folder {folder}, where output "
+                "shards are written; move it out or pass another --out"
+            )
     shards = [  # an output folder inside an input folder is not input
         s
         for s in discover_shards(list(inputs))
@@ -155,48 +165,113 @@ def _run(
     quiet: bool,
     total_shards: int,
 ) -> int:
+    """Write and record every pending shard. A shard is finished once the engine has given as
+    many rows as the input file has (its metadata says how many): nothing is read ahead into
+    the next shard, so an error there cannot cost a shard that is already complete, and an
+    engine that gives too few or too many rows for a file fails instead of recording it."""
     done = total_shards - len(pending)
-    bar = progress_bar(sum(s.num_rows() for s in pending), "preprocess", quiet, total_shards)
+    expected = [s.num_rows() for s in pending]
+    bar = progress_bar(sum(expected), "preprocess", quiet, total_shards)
     bar.set_postfix_str(f"shards {done}/{total_shards}")
     scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=manifest.folder)
     rows = 0
     try:
         with bar, make_engine(engine_name, job, batch_rows, workers, scratch) as engine:
-            stream = engine.run(pending)
-            ahead: tuple[int, Any] | None = None
+            stream = (item for item in engine.run(pending) if item[1].num_rows)
             for index, shard in enumerate(pending):
                 schema = job.output_schema(shard.schema())
                 with ShardWriter(manifest.folder / shard.name, schema) as writer:
-                    try:
-                        while True:
-                            ahead = ahead or next(stream, None)
-                            if ahead is None or ahead[0] != index:
-                                break
-                            table = ahead[1].cast(schema) if ahead[1].schema != schema else ahead[1]
-                            writer.write(table)
-                            bar.update(table.num_rows)
-                            ahead = None
-                    except Exception as err:
-                        raise _explain(err, pending[index:], job, batch_rows) from None
+                    while writer.rows < expected[index]:
+                        item = _next(stream, pending[index:], job, batch_rows, engine_name)
+                        if item is None or item[0] != index:
+                            _check_extra(item, index, pending, manifest, engine_name)
+                            break
+                        table = item[1].cast(schema) if item[1].schema != schema else item[1]
+                        writer.write(table)
+                        bar.update(table.num_rows)
+                    if writer.rows != expected[index]:
+                        raise ShardError(
+                            shard.path,
+                            f"the {engine_name} engine gave {writer.rows} rows for this file, "
+                            f"which has {expected[index]}; its output shard was not written",
+                        )
                     info = writer.commit()
                 manifest.record(shard.name, info)
                 rows += info["rows"]
                 done += 1
                 bar.set_postfix_str(f"shards {done}/{total_shards}")
+            if pending:  # the engine must have nothing left
+                last = _next(stream, pending[-1:], job, batch_rows, engine_name)
+                _check_extra(last, len(pending), pending, manifest, engine_name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return rows
 
 
-def _explain(err: Exception, remaining: list[Shard], job: Job, batch_rows: int) -> Exception:
-    """The clearest error for a failed run. Workers of Ray and ``datasets`` neither know row
-    numbers nor keep error types (they wrap them), so the unfinished shards are rescanned for
-    the first bad row; failing that, the ShardError inside ``err``, or ``err`` itself."""
+def _next(
+    stream: Iterator[tuple[int, pa.Table]],
+    remaining: list[Shard],
+    job: Job,
+    batch_rows: int,
+    engine_name: str,
+) -> tuple[int, pa.Table] | None:
+    """The engine's next table, or None at the end; its errors explained (see _explain), for
+    ``remaining``: the shard being written and those after it."""
+    try:
+        return next(stream, None)
+    except Exception as err:
+        raise _explain(err, remaining, job, batch_rows, engine_name) from err
+
+
+def _check_extra(
+    item: tuple[int, pa.Table] | None,
+    index: int,
+    pending: list[Shard],
+    manifest: Manifest,
+    engine_name: str,
+) -> None:
+    """Fail if the engine gave rows for a shard already finished (``item`` belongs to one
+    before ``index``); that shard is taken off the manifest and removed, to be redone."""
+    if item is None or item[0] >= index:
+        return
+    shard = pending[item[0]]
+    manifest.shards.pop(shard.name, None)
+    manifest.save()
+    (manifest.folder / shard.name).unlink(missing_ok=True)
+    raise ShardError(
+        shard.path,
+        f"the {engine_name} engine gave more rows for this file than the "
+        f"{shard.num_rows()} it has; its output shard was removed",
+    )
+
+
+def _explain(
+    err: Exception, remaining: list[Shard], job: Job, batch_rows: int, engine_name: str
+) -> ShardError:
+    """The clearest error for a failed run, naming a file. Workers of Ray and ``datasets``
+    neither know row numbers nor keep error types (they wrap them), so the unfinished shards
+    are rescanned for the first bad row; failing that, the ShardError inside ``err``; an error
+    that is not about the data (e.g. out of memory) is not rescanned for, and is reported on
+    one line with the shard it stopped."""
     wrapped = find_shard_error(err)
     if wrapped is None and ShardError.__name__ not in str(err):
-        return err  # not about the data (e.g. out of memory): no rescan
+        return ShardError(remaining[0].path, f"the {engine_name} engine failed: {_summary(err)}")
     for shard in remaining:
         found = find_bad_row(shard, job.columns, batch_rows)
         if found is not None:
             return found
-    return wrapped or err
+    return wrapped or ShardError(remaining[0].path, _summary(err))
+
+
+def _summary(err: BaseException) -> str:
+    """``Type: first line`` of the innermost error that ``err`` wraps (Ray wraps errors of its
+    workers in errors whose message is a whole traceback)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None) or err.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0].strip() if lines else '(no message)'}"

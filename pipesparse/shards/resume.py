@@ -38,6 +38,14 @@ def locked(folder: Path) -> Iterator[None]:
         yield
 
 
+def _remove_output(folder: Path, name: str) -> None:
+    """Delete the output shard ``name`` (checked by Manifest.load), unless it is reached through
+    a symlinked folder that leads out of ``folder``: nothing outside the folder is deleted."""
+    path = folder / name
+    if path.parent.resolve().is_relative_to(folder.resolve()):
+        path.unlink(missing_ok=True)
+
+
 def prepare_folder(
     folder: Path, job_fields: dict, shards: list[Shard], overwrite: bool
 ) -> Manifest:
@@ -62,7 +70,7 @@ def prepare_folder(
                 del manifest.shards[name]  # missing or altered on disk: redo it
             return manifest
         for name in old.shards:
-            (folder / name).unlink(missing_ok=True)
+            _remove_output(folder, name)
     elif not overwrite:
         clashes = [s.name for s in shards if (folder / s.name).exists()]
         if clashes:

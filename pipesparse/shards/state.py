@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pipesparse.base import STATE_FORMAT
+from pipesparse.base import STATE_FORMAT, data_names
 from pipesparse.errors import CorruptStateError
 from pipesparse.shards.columns import ColumnSpec
 from pipesparse.shards.writer import atomic_write_bytes
@@ -45,8 +45,11 @@ TRANSFORM_NAME = "batch"
 
 
 def mask_name(column: str, columns: list[str], prefix: str = TRANSFORM_NAME) -> str:
-    """The transform's mask name for ``column`` (SparsifyTransform's naming rule)."""
-    return prefix if len(columns) == 1 else f"{prefix}_{column}"
+    """The mask name of ``column`` in a transform named ``prefix`` over ``columns`` (its naming
+    rule: ``prefix`` alone for one column, else ``prefix_column`` spelled as a data name)."""
+    if len(columns) == 1:
+        return prefix
+    return data_names(f"{prefix}_{c}" for c in columns)[columns.index(column)]
 
 
 def jsonable(value: Any) -> Any:
@@ -92,48 +95,105 @@ def _kind(state: Mapping[str, Any], path: str) -> str:
     )
 
 
-def _sparsifier_state(state: Mapping[str, Any], path: str) -> tuple[Mapping[str, Any], str | None]:
-    """The sparsifier state_dict inside ``state`` and the transform name its masks use."""
-    kind = _kind(state, path)
-    if kind == "sparsifier":
-        return state, None
-    transform = state.get("transform") if kind == "fit" else state
-    if not isinstance(transform, Mapping) or not isinstance(transform.get("sparsifier"), Mapping):
-        raise CorruptStateError(f"state file {path} has no sparsifier state inside")
-    config = transform.get("config") or {}
-    if config.get("mask_over") != "features":
+def _expect(value: Any, kind: type | tuple[type, ...], path: str, key: str, what: str) -> Any:
+    """``value``, or CorruptStateError naming the file and ``key`` when it is not a ``kind``."""
+    if not isinstance(value, kind) or isinstance(value, bool):
         raise CorruptStateError(
-            f"state file {path} holds mask_over={config.get('mask_over')!r} masks, which fit one "
-            "batch shape; shards need per-feature masks (mask_over='features', as `pipesparse fit` "
-            "makes)"
+            f"state file {path}: {key} is {type(value).__name__} {value!r:.60}, expected {what}"
         )
-    return transform["sparsifier"], config.get("name", TRANSFORM_NAME)
+    return value
+
+
+def _dicts(value: Any, path: str, key: str) -> Mapping[str, Any]:
+    """``value`` checked to be a dict of dicts (masks, data groups)."""
+    _expect(value, Mapping, path, key, "a dict")
+    for name, entry in value.items():
+        _expect(entry, Mapping, path, f"{key}[{name!r}]", "a dict")
+    return value
+
+
+def _fit_columns(state: Mapping[str, Any], path: str) -> list[str]:
+    """The columns a fit file was fitted on, its header checked."""
+    for key in ("sparsifier", "sparsifier_class"):
+        _expect(state.get(key), str, path, key, "a string")
+    _expect(state.get("config"), Mapping, path, "config", "a dict")
+    _expect(state.get("rows"), int, path, "rows", "an int")
+    columns = _expect(state.get("columns"), Mapping, path, "columns", "a dict column -> shape")
+    for name, shape in columns.items():
+        _expect(name, str, path, "a column name", "a string")
+        _expect(shape, (list, tuple), path, f"columns[{name!r}]", "a list of ints")
+        for size in shape:
+            _expect(size, int, path, f"columns[{name!r}]", "a list of ints")
+    return list(columns)
+
+
+def _sparsifier_state(
+    state: Mapping[str, Any], path: str
+) -> tuple[Mapping[str, Any], str | None, list[str] | None]:
+    """The sparsifier state_dict inside ``state`` (its masks and data groups checked to be
+    dicts), the transform name its masks use, and the columns of a fit file."""
+    kind = _kind(state, path)
+    columns = _fit_columns(state, path) if kind == "fit" else None
+    if kind == "sparsifier":
+        sd, prefix, where = state, None, ""
+    else:
+        where = "transform." if kind == "fit" else ""
+        transform = _expect(
+            state.get("transform") if kind == "fit" else state, Mapping, path, "transform", "a dict"
+        )
+        config = _expect(transform.get("config"), Mapping, path, f"{where}config", "a dict")
+        if config.get("mask_over") != "features":
+            raise CorruptStateError(
+                f"state file {path} holds mask_over={config.get('mask_over')!r} masks, which fit "
+                "one batch shape; shards need per-feature masks (mask_over='features', as "
+                "`pipesparse fit` makes)"
+            )
+        prefix = _expect(
+            config.get("name", TRANSFORM_NAME), str, path, f"{where}config.name", "a string"
+        )
+        where += "sparsifier."
+        sd = _expect(transform.get("sparsifier"), Mapping, path, where[:-1], "a dict")
+    _dicts(sd.get("state"), path, f"{where}state")
+    _dicts(sd.get("data_groups"), path, f"{where}data_groups")
+    _expect(sd.get("mask_dtypes", {}), Mapping, path, f"{where}mask_dtypes", "a dict")
+    return sd, prefix, columns
+
+
+def _candidates(
+    column: str, columns: list[str], prefix: str | None, fitted: list[str] | None, masks: Mapping
+) -> list[str]:
+    """The mask names that may hold ``column``'s mask. A fit file names its masks after the
+    columns it was fitted on; a transform state after its own keys (not recorded: ``prefix``
+    alone when it has one mask); a sparsifier state after the columns."""
+    if fitted is not None:
+        return [mask_name(column, fitted, prefix)] if column in fitted else []
+    if prefix is not None:
+        return [*data_names([f"{prefix}_{column}"]), *([prefix] if len(masks) == 1 else [])]
+    return [column, mask_name(column, columns)]
 
 
 def transform_state_for(state: Mapping[str, Any], path: str, columns: list[ColumnSpec]) -> dict:
     """The state of a frozen ``mask_over="features"`` transform named ``"batch"`` for ``columns``.
 
-    Raises CorruptStateError naming the masks the file has when one is missing or misshapen.
+    Raises CorruptStateError naming the masks the file has when one is missing or misshapen,
+    and the key when a part of the state has the wrong type.
     """
-    sd, prefix = _sparsifier_state(state, path)
-    masks, groups = sd.get("state") or {}, sd.get("data_groups") or {}
-    dtypes = sd.get("mask_dtypes") or {}
+    sd, prefix, fitted = _sparsifier_state(state, path)
+    masks, groups = sd["state"], sd["data_groups"]
+    dtypes = sd.get("mask_dtypes", {})
     names = [c.name for c in columns]
     out_state, out_groups, out_dtypes = {}, {}, {}
     for spec in columns:
-        candidates = (
-            [mask_name(spec.name, names, prefix)]
-            if prefix
-            else [spec.name, mask_name(spec.name, names)]
-        )
+        candidates = _candidates(spec.name, names, prefix, fitted, masks)
         found = next((c for c in candidates if c in masks), None)
         if found is None:
+            fitted_on = f" (fitted on columns {fitted})" if fitted is not None else ""
+            looked = f"looked for {' or '.join(map(repr, candidates))}; " if candidates else ""
             raise CorruptStateError(
-                f"state file {path} has no mask for column {spec.name!r} (looked for "
-                f"{' or '.join(map(repr, candidates))}); it has: {sorted(masks)}"
+                f"state file {path}{fitted_on} has no mask for column {spec.name!r} ({looked}"
+                f"it has: {sorted(masks)})"
             )
-        entry = masks[found]
-        mask = entry.get("mask") if isinstance(entry, Mapping) else None
+        mask = masks[found].get("mask")
         if not isinstance(mask, torch.Tensor):
             raise CorruptStateError(f"state file {path}: mask {found!r} is not a tensor")
         if mask.layout != torch.strided:
@@ -167,12 +227,11 @@ def describe_state(state: Mapping[str, Any], path: str) -> dict[str, Any]:
     """What a state holds: its kind, header fields, and per mask its shape, sparsity, config
     (and, for a fit file, the column it masks)."""
     kind = _kind(state, path)
-    sd, _ = _sparsifier_state(state, path)
-    columns = list(state.get("columns") or {}) if kind == "fit" else []
-    column_of = {mask_name(c, columns): c for c in columns}
+    sd, prefix, fitted = _sparsifier_state(state, path)
+    column_of = {mask_name(c, fitted, prefix): c for c in fitted or []}
     masks = {}
-    for name, entry in (sd.get("state") or {}).items():
-        mask = entry.get("mask") if isinstance(entry, Mapping) else None
+    for name, entry in sd["state"].items():
+        mask = entry.get("mask")
         if not isinstance(mask, torch.Tensor):
             raise CorruptStateError(f"state file {path}: mask {name!r} is not a tensor")
         mask = mask.to_dense() if mask.layout != torch.strided else mask
@@ -183,7 +242,7 @@ def describe_state(state: Mapping[str, Any], path: str) -> dict[str, Any]:
             "shape": tuple(mask.shape),
             "kept": kept,
             "sparsity": 1 - kept / max(1, math.prod(mask.shape)),
-            "config": dict((sd.get("data_groups") or {}).get(name, {})),
+            "config": dict(sd["data_groups"].get(name, {})),
         }
     header = {"kind": kind}
     if kind == "fit":

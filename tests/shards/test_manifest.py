@@ -1,7 +1,9 @@
 import json
+import re
 
 import pytest
 
+from pipesparse.shards import ManifestError
 from pipesparse.shards.manifest import MANIFEST_FORMAT, Manifest
 
 JOB = {
@@ -57,8 +59,48 @@ def test_differences_name_what_changed(tmp_path):
 def test_missing_and_corrupt(tmp_path):
     assert Manifest.load(tmp_path) is None
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(ValueError, match="is not a pipesparse manifest"):
+    with pytest.raises(ManifestError, match="manifest.json: not a pipesparse manifest"):
         Manifest.load(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="use --overwrite"):
         Manifest.load(tmp_path)
+
+
+def _saved(tmp_path, change):
+    data = {"format": MANIFEST_FORMAT, "job": json.loads(json.dumps(JOB)), "shards": {}}
+    change(data)
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda d: d.update(job=[]), "the manifest['job'] is [], expected an object"),
+        (lambda d: d["shards"].update({"a.parquet": 5}), "shards['a.parquet'] is int"),
+        (lambda d: d["job"]["inputs"].update({"a.parquet": {}}), "has no key 'path'"),
+        (lambda d: d["job"].update(state="x"), "job['state'] is 'x', expected an object or null"),
+        (lambda d: d["job"].update(config=[1]), "job['config'] is [1], expected an object"),
+        (lambda d: d["shards"].update({"a.parquet": {"rows": True}}), "['rows'] is True"),
+        (lambda d: d.update(shards=None), "the manifest['shards'] is None"),
+    ],
+)
+def test_wrong_types_name_the_file_and_the_key(tmp_path, change, key):
+    _saved(tmp_path, change)
+    with pytest.raises(ManifestError, match=re.escape(key)) as info:
+        Manifest.load(tmp_path)
+    assert info.value.file == str(tmp_path / "manifest.json")
+    assert "use --overwrite to start over" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../victim.parquet", "/tmp/victim.parquet", "a/../../b.parquet", "victim.txt",
+     "manifest.json", "a//b.parquet", "./a.parquet", "a\\..\\b.parquet"],
+)  # fmt: skip
+def test_shard_names_outside_the_folder_are_refused(tmp_path, name):
+    info = {"rows": 1, "bytes": 1, "sha256": "x"}
+    _saved(tmp_path, lambda d: d["shards"].update({name: info}))
+    with pytest.raises(ManifestError, match=f"shards name {re.escape(repr(name))} is not a"):
+        Manifest.load(tmp_path)
+    _saved(tmp_path, lambda d: d["shards"].update({"train/a.parquet": info}))
+    assert list(Manifest.load(tmp_path).shards) == ["train/a.parquet"]

@@ -1,3 +1,4 @@
+import importlib
 import json
 import os
 
@@ -209,3 +210,125 @@ def test_output_folder_inside_the_input_folder_is_not_input(tmp_path, shards_dir
     again = _run(shards_dir, out)
     assert again.shards == 3 and again.skipped == 3
     assert _outputs(out) == ["part-00.parquet", "part-01.parquet", "part-02.parquet"]
+
+
+def test_a_bad_first_batch_keeps_the_shard_finished_before_it(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    kind = pa.list_(pa.float32())
+    pq.write_table(
+        pa.table({"e": pa.array([[1.0, 2.0, 3.0, 4.0]] * 5, kind)}), folder / "a.parquet"
+    )
+    ragged = pa.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0]], kind)
+    pq.write_table(pa.table({"e": ragged}), folder / "b.parquet")
+    with pytest.raises(ShardError, match=r"b.parquet, column 'e', row 1: ragged row"):
+        preprocess([str(folder)], tmp_path / "out", "e", "threshold", quiet=True)
+    assert _outputs(tmp_path / "out") == ["a.parquet"]
+    assert list(Manifest.load(tmp_path / "out").shards) == ["a.parquet"]
+    assert read_sparse(tmp_path / "out" / "a.parquet")["e"].shape == (5, 4)
+
+
+class _MiscountingEngine:
+    """Gives one row too few or too many for the second shard."""
+
+    def __init__(self, job, extra):
+        self.job, self.extra = job, extra
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def run(self, shards):
+        from pipesparse.shards.job import BatchProcessor
+
+        processor = BatchProcessor(self.job)
+        for index, shard in enumerate(shards):
+            table = processor(next(shard.iter_batches(1000)), shard.path)
+            if index == 1:
+                table = table.slice(0, table.num_rows + self.extra) if self.extra < 0 else table
+                yield index, table
+                if self.extra > 0:
+                    yield index, table.slice(0, self.extra)
+            else:
+                yield index, table
+
+
+@pytest.mark.parametrize(("extra", "message"), [(-1, "gave 19 rows"), (1, "gave more rows")])
+def test_an_engine_giving_the_wrong_row_count_records_nothing_wrong(
+    tmp_path, shards_dir, monkeypatch, extra, message
+):
+    # the package's `preprocess` is the function, so the module is imported by name
+    module = importlib.import_module("pipesparse.shards.preprocess")
+    monkeypatch.setattr(
+        module, "make_engine", lambda name, job, *args: _MiscountingEngine(job, extra)
+    )
+    with pytest.raises(ShardError, match=rf"file .*part-01.parquet: the local engine {message}"):
+        _run(shards_dir, tmp_path / "out")
+    recorded = Manifest.load(tmp_path / "out").shards
+    assert "part-01.parquet" not in recorded
+    assert "part-01.parquet" not in _outputs(tmp_path / "out")
+
+
+class _FailingEngine(_MiscountingEngine):
+    def run(self, shards):
+        try:
+            raise ValueError("disk on fire\n  traceback lines")
+        except ValueError as err:
+            raise RuntimeError("worker died:\nTraceback (most recent call last): ...") from err
+        yield
+
+
+def test_an_engine_error_is_one_line_naming_the_file(tmp_path, shards_dir, monkeypatch):
+    module = importlib.import_module("pipesparse.shards.preprocess")
+    monkeypatch.setattr(module, "make_engine", lambda name, job, *args: _FailingEngine(job, 0))
+    with pytest.raises(ShardError) as info:
+        _run(shards_dir, tmp_path / "out")
+    assert str(info.value) == (
+        f"file {shards_dir / 'part-00.parquet'}: the local engine failed: ValueError: disk on fire"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["dense", "coo"])
+@pytest.mark.parametrize(
+    ("kind", "big"), [(pa.int64(), 2**62), (pa.uint64(), 2**63), (pa.int64(), -(2**62))]
+)
+def test_large_integers_are_kept_exactly(tmp_path, fmt, kind, big):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = [[big + 1, big + 3, 3, 5], [7, big + 9, 0, 2]]
+    pq.write_table(pa.table({"ids": pa.array(rows, pa.list_(kind))}), folder / "a.parquet")
+    preprocess(
+        [str(folder)], tmp_path / "out", "ids", "threshold", config={"threshold": 4},
+        out_format=fmt, quiet=True,
+    )  # fmt: skip
+    expected = [[big + 1, big + 3, 0, 5], [7, big + 9, 0, 0]]
+    if fmt == "dense":
+        table = pq.read_table(tmp_path / "out" / "a.parquet")
+        assert table.schema.field("ids").type == pa.list_(kind)
+        assert table.column("ids").to_pylist() == expected
+    else:
+        coo = pq.read_table(tmp_path / "out" / "a.parquet").column("ids").to_pylist()
+        assert [row["values"] for row in coo] == [[v for v in r if v] for r in expected]
+    decoded = read_sparse(tmp_path / "out" / "a.parquet")["ids"].numpy()
+    assert np.array_equal(decoded, np.array(expected, dtype=kind.to_pandas_dtype()))
+
+
+def test_a_config_that_does_not_fit_the_rows_fails_before_anything_is_written(tmp_path, shards_dir):
+    with pytest.raises(
+        ValueError, match=r"does not fit column 'img', whose rows have shape \(4, 4\): N:M"
+    ):
+        _run(shards_dir, tmp_path / "out", columns="vec,img", sparsifier="nm", config={"m": 8})
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_input_file_named_inside_the_output_folder_is_refused(tmp_path, shards_dir):
+    _run(shards_dir, tmp_path / "out")
+    inside = tmp_path / "out" / "part-00.parquet"
+    before = inside.read_bytes()
+    with pytest.raises(
+        ValueError, match="input file .*part-00.parquet is inside the output folder"
+    ):
+        preprocess([str(inside)], tmp_path / "out", "vec", "norm", quiet=True)
+    assert inside.read_bytes() == before

@@ -73,3 +73,95 @@ def test_describe():
     entry = described["masks"]["a"]
     assert entry["shape"] == (4,) and entry["kept"] == 2 and entry["sparsity"] == 0.5
     assert entry["config"]["sparse_block_shape"] == (1, 2)
+
+
+def _fit_state(tmp_path, columns, shards_dir):
+    from pipesparse.shards.fit import fit
+
+    return fit([str(shards_dir)], columns, tmp_path / "s.pt", quiet=True)
+
+
+def test_fit_masks_are_matched_by_the_columns_they_were_fitted_on(tmp_path, shards_dir):
+    state = _fit_state(tmp_path, "vec,img", shards_dir)
+    vec = ColumnSpec("vec", (8,), "f")
+    out = transform_state_for(state, "s.pt", [vec])  # a subset of the fitted columns
+    fitted = state["transform"]["sparsifier"]["state"]["batch_vec"]["mask"]
+    assert torch.equal(out["sparsifier"]["state"]["batch"]["mask"], fitted)
+    one = _fit_state(tmp_path, "vec", shards_dir)  # its mask is named "batch": whose is it?
+    with pytest.raises(
+        CorruptStateError,
+        match=r"fitted on columns \['vec'\]\) has no mask for column 'fixed' \(it has: \['batch'\]",
+    ):
+        transform_state_for(one, "s.pt", [ColumnSpec("fixed", (8,), "f")])
+
+
+def test_fit_masks_of_dotted_column_names(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipesparse.shards.fit import fit, fit_report
+
+    (tmp_path / "in").mkdir()
+    rows = pa.array([[1.0, 2.0, 3.0, 4.0]] * 3, pa.list_(pa.float32()))
+    pq.write_table(pa.table({"a.b": rows, "c": rows}), tmp_path / "in" / "x.parquet")
+    state = fit([str(tmp_path / "in")], "a.b,c", tmp_path / "s.pt", quiet=True)
+    assert "fitted a.b (4,)" in fit_report(state, tmp_path / "s.pt")
+    specs = [ColumnSpec("a.b", (4,), "f"), ColumnSpec("c", (4,), "f")]
+    assert set(transform_state_for(state, "s.pt", specs)["sparsifier"]["state"]) == {
+        "batch_a_b",
+        "batch_c",
+    }
+    assert describe_state(state, "s.pt")["masks"]["batch_a_b"]["column"] == "a.b"
+
+
+def _with(state, path, value):
+    """A copy of ``state`` with the entry at ``path`` (keys) replaced by ``value``."""
+    import copy
+
+    state = copy.deepcopy(state)
+    target = state
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("state",), 5, "s.pt: state is int 5, expected a dict"),
+        (("data_groups", "a"), 5, r"s.pt: data_groups\['a'\] is int 5, expected a dict"),
+        (("state", "a"), [1], r"s.pt: state\['a'\] is list \[1\], expected a dict"),
+        (("mask_dtypes",), "x", "s.pt: mask_dtypes is str 'x', expected a dict"),
+    ],
+)
+def test_corrupt_sparsifier_states_name_the_key(path, value, message):
+    state = _with(_sparsifier_state(), path, value)
+    for call in (
+        lambda: transform_state_for(state, "s.pt", SPECS),
+        lambda: describe_state(state, "s.pt"),
+    ):
+        with pytest.raises(CorruptStateError, match=message):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("transform", "config"), "x", "transform.config is str 'x', expected a dict"),
+        (("transform", "sparsifier"), 5, "transform.sparsifier is int 5, expected a dict"),
+        (("transform", "sparsifier", "state"), 5, "transform.sparsifier.state is int 5"),
+        (("transform",), 5, "transform is int 5, expected a dict"),
+        (("sparsifier",), ["norm"], r"sparsifier is list \['norm'\], expected a string"),
+        (("columns",), 5, "columns is int 5, expected a dict"),
+        (("columns", "vec"), "x", r"columns\['vec'\] is str 'x', expected a list of ints"),
+    ],
+)
+def test_corrupt_fit_files_name_the_key(tmp_path, shards_dir, path, value, message):
+    state = _with(_fit_state(tmp_path, "vec", shards_dir), path, value)
+    for call in (
+        lambda: transform_state_for(state, "s.pt", [ColumnSpec("vec", (8,), "f")]),
+        lambda: describe_state(state, "s.pt"),
+    ):
+        with pytest.raises(CorruptStateError, match=f"state file s.pt: {message}"):
+            call()

@@ -1,9 +1,11 @@
 """The ``datasets`` engine: each shard becomes a ``datasets.Dataset`` and is mapped with
 ``num_proc=workers`` processes; the mapped rows are written by the caller, in order.
 
-Parquet shards are converted into Arrow cache files inside a scratch folder of the output
-folder (removed after the run); ``save_to_disk`` shards are memory-mapped as they are. The map's
-own cache files go to the scratch folder too, never next to the input.
+Parquet shards are streamed into an Arrow file inside a scratch folder of the output folder
+(removed after the run) and memory-mapped from there, rather than read with
+``Dataset.from_parquet``, which takes its argument as a glob pattern (``a[0].parquet`` would
+read ``a0.parquet``); ``save_to_disk`` shards are memory-mapped as they are. The map's own cache
+files go to the scratch folder too, never next to the input.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class HFEngine:
         if shard.kind == ARROW:
             dataset = datasets.Dataset.from_file(shard.path)
         else:
-            dataset = datasets.Dataset.from_parquet(shard.path, cache_dir=str(cache / "input"))
+            dataset = datasets.Dataset.from_file(self._arrow_copy(shard, cache / "input.arrow"))
         mapped = dataset.with_format("arrow").map(
             _MapFunction(self.job, shard.path),
             batched=True,
@@ -93,3 +95,10 @@ class HFEngine:
             new_fingerprint=key,
         )
         yield from mapped.with_format("arrow").iter(batch_size=self.batch_rows)
+
+    def _arrow_copy(self, shard: Shard, path: Path) -> str:
+        """``shard`` (Parquet) as an Arrow stream file at ``path``, written batch by batch."""
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, shard.schema()) as out:
+            for batch in shard.iter_batches(self.batch_rows):
+                out.write_batch(batch)
+        return str(path)

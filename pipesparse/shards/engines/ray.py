@@ -1,11 +1,16 @@
 """The Ray Data engine, for data that outgrows one machine.
 
-Shards are read with ``ray.data.read_parquet`` (consecutive Parquet shards as one dataset, with
-``include_paths`` telling the rows of each shard apart; ``save_to_disk`` Arrow files through a
-small datasource) and mapped with ``map_batches`` on a pool of ``workers`` actors, each holding
-its own transform (frozen masks travel inside the job). Order is preserved, and the mapped
-batches stream back to this process, which writes each shard under its own name and records it
-in the manifest: the output folder must be reachable from the driver only.
+Every shard is read on its own, with its own schema, by a small datasource (one read task per
+shard, streaming ``pyarrow`` record batches of at most ``batch_rows`` rows, Parquet and
+``save_to_disk`` Arrow files alike). Each record batch travels through Ray Data as one row of
+Arrow IPC bytes next to its shard index and first row number, so shards whose columns differ
+(order, pass-through columns, types) never meet in one Ray Data block, and no file name is
+resolved as a pattern, a URL or a Hive partition (``ray.data.read_parquet`` read no rows of
+``a?.parquet``, and unifies the schemas of the files it reads together). The batches are mapped
+with ``map_batches`` on a pool of ``workers`` actors, each holding its own transform (frozen
+masks travel inside the job). Order is preserved, and the mapped batches stream back to this
+process, which writes each shard under its own name and records it in the manifest: the output
+folder must be reachable from the driver only.
 
 Uses the running Ray cluster if ``ray.init`` was called, else starts a local one for the run.
 """
@@ -13,74 +18,94 @@ Uses the running Ray cluster if ``ray.init`` was called, else starts a local one
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipesparse.shards.inputs import PARQUET, Shard
+from pipesparse.shards.inputs import Shard
 from pipesparse.shards.job import BatchProcessor, Job
 
 __all__ = ["RayEngine"]
 
-PATH = "path"  # the column read_parquet(include_paths=True) adds
 BLOCK_BYTES = 8 * 2**20  # largest Ray Data block during a run
+SHARD, FIRST_ROW, IPC = "shard", "first_row", "ipc"  # the columns of a Ray Data row
+PAYLOAD_SCHEMA = pa.schema([(SHARD, pa.int64()), (FIRST_ROW, pa.int64()), (IPC, pa.large_binary())])
 
 
-def _runs(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
-    """Consecutive rows of ``table`` with the same ``path``, without that column."""
-    paths = table.column(PATH).combine_chunks()
-    rest = table.drop_columns([PATH])
-    if not len(paths):
-        return
-    changes = pc.not_equal(paths[1:], paths[:-1]).to_numpy(zero_copy_only=False)
-    starts = [0, *(i + 1 for i, changed in enumerate(changes) if changed), len(paths)]
-    for start, stop in zip(starts[:-1], starts[1:], strict=True):
-        yield paths[start].as_py(), rest.slice(start, stop - start)
+def _to_ipc(data: pa.Table | pa.RecordBatch) -> bytes:
+    """Arrow IPC stream bytes of ``data`` (schema and metadata included)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, data.schema) as writer:
+        writer.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(payload: pa.LargeBinaryScalar) -> pa.Table:
+    return pa.ipc.open_stream(payload.as_buffer()).read_all()
+
+
+def _payloads(shards: list[int], first_rows: list[int], tables: list[pa.Table]) -> pa.Table:
+    return pa.Table.from_arrays(
+        [
+            pa.array(shards, pa.int64()),
+            pa.array(first_rows, pa.int64()),
+            pa.array([_to_ipc(t) for t in tables], pa.large_binary()),
+        ],
+        schema=PAYLOAD_SCHEMA,
+    )
 
 
 class _Sparsify:
-    """The actor class of ``map_batches``: one processor per actor."""
+    """The actor class of ``map_batches``: one processor per actor.
 
-    def __init__(self, job: Job, file: str | None):
-        self.processor, self.file = BatchProcessor(job), file
+    Args:
+        job: the job.
+        paths: the input file of each shard index, for error messages.
+    """
+
+    def __init__(self, job: Job, paths: list[str]):
+        self.processor, self.paths = BatchProcessor(job), paths
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        # row numbers are not known inside Ray: the caller rescans the shard on an error
-        if self.file is not None:
-            return self.processor(batch, self.file, 0)
-        parts = []
-        for path, rows in _runs(batch):
-            out = self.processor(rows, path, 0)
-            parts.append(out.append_column(PATH, pa.array([path] * out.num_rows, pa.string())))
-        return pa.concat_tables(parts) if parts else batch
+        shards, first_rows = batch.column(SHARD).to_pylist(), batch.column(FIRST_ROW).to_pylist()
+        tables = [
+            self.processor(_from_ipc(payload), self.paths[shard], first_row)
+            for shard, first_row, payload in zip(shards, first_rows, batch.column(IPC), strict=True)
+        ]
+        return _payloads(shards, first_rows, tables)
 
 
-def _arrow_datasource(shard: Shard, batch_rows: int):
+def _read_shard(index: int, shard: Shard, batch_rows: int) -> Iterable[pa.Table]:
+    """One payload row per record batch of ``shard``."""
+    first_row = 0
+    for batch in shard.iter_batches(batch_rows):
+        yield _payloads([index], [first_row], [batch])
+        first_row += batch.num_rows
+
+
+def _datasource(shards: list[Shard], batch_rows: int):
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
-    class ArrowFileDatasource(Datasource):
-        """One read task streaming an Arrow IPC file (what ``save_to_disk`` writes)."""
+    class ShardDatasource(Datasource):
+        """One read task per shard, in shard order; each reads its file with pyarrow."""
 
         def estimate_inmemory_data_size(self) -> int | None:
             return None
 
         def get_read_tasks(self, parallelism: int, **kwargs) -> list[ReadTask]:
-            def read() -> Iterable[pa.Table]:
-                for batch in shard.iter_batches(batch_rows):
-                    yield pa.Table.from_batches([batch])
+            return [
+                ReadTask(
+                    lambda index=index, shard=shard: _read_shard(index, shard, batch_rows),
+                    BlockMetadata(
+                        num_rows=None, size_bytes=None, exec_stats=None, input_files=(shard.path,)
+                    ),
+                    schema=PAYLOAD_SCHEMA,
+                )
+                for index, shard in enumerate(shards)
+            ]
 
-            meta = BlockMetadata(
-                num_rows=shard.num_rows(),
-                size_bytes=None,
-                exec_stats=None,
-                input_files=(shard.path,),
-            )
-            return [ReadTask(read, meta, schema=shard.schema())]
-
-    return ArrowFileDatasource()
+    return ShardDatasource()
 
 
 class RayEngine:
@@ -88,7 +113,7 @@ class RayEngine:
 
     Args:
         job: the job.
-        batch_rows: rows per ``map_batches`` batch.
+        batch_rows: rows per record batch (one ``map_batches`` call each).
         workers: actors in the pool.
     """
 
@@ -114,8 +139,8 @@ class RayEngine:
         )
         options.preserve_order = True  # shards are written in row order
         context.enable_progress_bars = False  # ours counts rows and shards
-        # Small blocks: Ray Data reads a few small shards as one block, which one actor of the
-        # pool would then process alone, with nothing reaching this process until it is done.
+        # Small blocks: Ray Data would put many record batches in one block, which one actor of
+        # the pool would then process alone, with nothing reaching this process until it is done.
         context.target_max_block_size = min(
             context.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES
         )
@@ -139,9 +164,8 @@ class RayEngine:
             ray.shutdown()
 
     def _cpus(self) -> float:
-        """CPUs per actor and per read task: one, less on a small cluster, where Ray Data's file
-        listing (one whole CPU) and reads need room next to the pool (a pool holding every CPU
-        would wait for its reads forever)."""
+        """CPUs per actor and per read task: one, less on a small cluster, where reads need room
+        next to the pool (a pool holding every CPU would wait for its reads forever)."""
         import ray
 
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
@@ -149,52 +173,23 @@ class RayEngine:
 
     def run(self, shards: list[Shard]) -> Iterator[tuple[int, pa.Table]]:
         """``(index into shards, table)`` in row order; a shard without rows yields nothing."""
-        start = 0
-        while start < len(shards):
-            stop = start + 1
-            if self._groupable(shards[start]):
-                while stop < len(shards) and self._groupable(shards[stop]):
-                    stop += 1
-            yield from self._run_group(shards, start, stop)
-            start = stop
-
-    @staticmethod
-    def _groupable(shard: Shard) -> bool:
-        return shard.kind == PARQUET and PATH not in shard.schema().names
-
-    def _run_group(
-        self, shards: list[Shard], start: int, stop: int
-    ) -> Iterator[tuple[int, pa.Table]]:
+        if not shards:
+            return
         import ray
         from ray.data import ActorPoolStrategy
 
         cpus = self._cpus()
-        group = shards[start:stop]
-        grouped = self._groupable(group[0])
-        if not grouped:
-            single = group[0]
-            if single.kind == PARQUET:
-                dataset = ray.data.read_parquet(single.path, num_cpus=cpus)
-            else:
-                source = _arrow_datasource(single, self.batch_rows)
-                dataset = ray.data.read_datasource(source, ray_remote_args={"num_cpus": cpus})
-        else:
-            paths = [os.path.abspath(s.path) for s in group]
-            dataset = ray.data.read_parquet(paths, include_paths=True, num_cpus=cpus)
+        dataset = ray.data.read_datasource(_datasource(shards, self.batch_rows), num_cpus=cpus)
         mapped = dataset.map_batches(
             _Sparsify,
-            fn_constructor_kwargs={"job": self.job, "file": None if grouped else group[0].path},
-            batch_size=self.batch_rows,
+            fn_constructor_kwargs={"job": self.job, "paths": [s.path for s in shards]},
+            batch_size=1,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=1, max_size=self.workers),
             num_cpus=cpus,
         )
-        index_of = {os.path.abspath(s.path): start + i for i, s in enumerate(group)}
         for table in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if not table.num_rows:
-                continue
-            if grouped:
-                for path, rows in _runs(table):
-                    yield index_of[path], rows
-            else:
-                yield start, table
+            for index, payload in zip(
+                table.column(SHARD).to_pylist(), table.column(IPC), strict=True
+            ):
+                yield index, _from_ipc(payload)

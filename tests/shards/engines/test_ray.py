@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipesparse.shards import ShardError, fit, preprocess, read_sparse
+from pipesparse.shards import Manifest, ShardError, fit, preprocess, read_sparse
 
 ray = pytest.importorskip("ray")
 
@@ -135,3 +135,60 @@ def test_many_small_blocks_over_two_actors_keep_every_shard_in_order(
         assert pq.read_table(tmp_path / "ray" / shard).equals(
             pq.read_table(tmp_path / "local" / shard)
         )
+
+
+def _mixed_shards(folder):
+    """Shards that differ in column order, pass-through columns and types, under Hive-style
+    folders, one named with glob characters."""
+    rows = [[1.0, -2.0, 3.0, -4.0], [0.5, 5.0, -6.0, 7.0]]
+    tables = {
+        "split=train/a?.parquet": pa.table(
+            {"e": pa.array(rows, pa.list_(pa.float32())), "id": pa.array([1, 2], pa.int64())}
+        ),
+        "split=train/b[1].parquet": pa.table(
+            {"id": pa.array(["x", "y"], pa.string()), "e": pa.array(rows, pa.list_(pa.float64()))}
+        ),
+        "split=test/c.parquet": pa.table(
+            {
+                "e": pa.array(rows, pa.list_(pa.float32())),
+                "id": pa.array([3, 4], pa.int32()),
+                "extra": pa.array([True, False]),
+            }
+        ),
+    }
+    for name, table in tables.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, folder / name)
+
+
+def test_every_shard_keeps_its_own_name_and_schema(cluster, tmp_path):
+    _mixed_shards(tmp_path / "in")
+    for engine in ("local", "ray"):
+        summary = preprocess(
+            [str(tmp_path / "in")], tmp_path / engine, "e", "threshold",
+            config={"threshold": 1.0}, engine=engine, workers=2, quiet=True,
+        )  # fmt: skip
+        assert summary.rows == 6
+    assert _decoded(tmp_path / "ray") == _decoded(tmp_path / "local")
+    for name in ("split=train/a?.parquet", "split=train/b[1].parquet", "split=test/c.parquet"):
+        assert pq.read_table(tmp_path / "ray" / name).equals(
+            pq.read_table(tmp_path / "local" / name)
+        )
+    assert pq.read_table(tmp_path / "ray" / "split=train/a?.parquet").num_rows == 2
+
+
+def test_unreadable_data_is_one_line_naming_the_file(cluster, tmp_path, make_shards):
+    make_shards(tmp_path / "in", shards=2)
+    damaged = bytearray((tmp_path / "in" / "part-01.parquet").read_bytes())
+    damaged[4:12] = bytes(b ^ 0xFF for b in damaged[4:12])  # the first page header
+    (tmp_path / "in" / "part-01.parquet").write_bytes(damaged)
+    with pytest.raises(ShardError, match=r"part-01.parquet: cannot read the file") as info:
+        preprocess(
+            [str(tmp_path / "in")], tmp_path / "out", "vec", "norm", engine="ray", workers=1,
+            quiet=True,
+        )  # fmt: skip
+    assert "\n" not in str(info.value)
+    # shards are read in parallel: part-00 is there if it was finished before the error came
+    written = [p.name for p in (tmp_path / "out").glob("*.parquet")]
+    assert written in ([], ["part-00.parquet"])
+    assert list(Manifest.load(tmp_path / "out").shards) == written
