@@ -65,6 +65,11 @@ class MaskVersion:
             self._count.add_(1)
 
     @property
+    def writer(self) -> int:
+        """The pid of the process that writes the masks."""
+        return self._writer
+
+    @property
     def elsewhere(self) -> bool:
         """Whether the masks are written by another process than this one (then reads must
         be checked; in the writing process none can overlap a write: a transform is used by

@@ -125,9 +125,18 @@ def _rebuild_mapping(node: Mapping, items: dict[Any, Any]) -> Mapping:
         return items
     if isinstance(node, MutableMapping):  # OrderedDict, BatchEncoding (UserDict) ...
         out = copy.copy(node)  # keeps the mapping's own attributes
-        for key, value in items.items():
-            if value is not node[key]:
-                out[key] = value
+        originals = {key: node[key] for key, value in items.items() if value is not node[key]}
+        for key in originals:
+            out[key] = items[key]
+        if all(node[key] is original for key, original in originals.items()):
+            return out
+        # the copy shares the batch's storage (a mapping without __copy__ that keeps its
+        # entries in an inner dict): put the batch back, copy its containers but not its entries
+        for key, original in originals.items():
+            node[key] = original
+        out = copy.deepcopy(node, {id(value): value for value in node.values()})
+        for key in originals:
+            out[key] = items[key]
         return out
     try:
         return type(node)(items)

@@ -154,7 +154,8 @@ class SparsifyTransform:
         self._batches_seen = 0
         self._mask_pid: int | None = None  # process that owns the every_batch masks
         self._slots: dict[str, torch.Tensor] = {}  # the tensors registered, see _repoint
-        self._version: MaskVersion | None = None  # of the shared masks, see share_memory
+        # persistent masks: their writer (this process) and its sequence counter, see _owned
+        self._version = MaskVersion() if self.persistent else None
 
     # -- the per-batch path -----------------------------------------------------------------
     def __call__(self, batch: Any) -> Any:
@@ -198,6 +199,7 @@ class SparsifyTransform:
                 f"fit needs a batch with a floating tensor or array to sparsify; got a "
                 f"{type(batch).__name__} without one (keys={self.keys!r})"
             )
+        self._check_owned("fit")
         names = self._mask_names([path for path, _ in entries])
         self._fit(names, [self._to_tensor(entry) for _, entry in entries])
 
@@ -218,18 +220,33 @@ class SparsifyTransform:
             return [self.name]
         return data_names(f"{self.name}_{'_'.join(str(p) for p in path)}" for path in paths)
 
+    def _owned(self) -> bool:
+        """Whether this process writes the persistent masks: the one that created the
+        transform (or a plain copy of it), not a worker process that shares its masks (forked,
+        or handed the transform by multiprocessing: DataLoader, torchdata process workers)."""
+        return not self._version.elsewhere
+
+    def _check_owned(self, action: str) -> None:
+        if self.persistent and not self._owned():
+            raise ValueError(
+                f"{action} in a worker process (pid {os.getpid()}) would rewrite the masks that "
+                f"every process shares with the one that created the transform (pid "
+                f"{self._version.writer}); call it there"
+            )
+
     def _must_fit(self, names: list[str]) -> bool:
         if not self.persistent:
             return True
         fitted = self.is_fitted(names)
-        if _in_dataloader_worker():
+        if _in_dataloader_worker() or not self._owned():
             if not fitted:
                 missing = [n for n in names if n not in self.sparsifier.data_groups]
                 raise ValueError(
                     f"SparsifyTransform(update={self.update!r}) has no mask for {missing} in this "
-                    "DataLoader worker; workers only apply the masks of the main process (so every "
-                    "worker uses the same ones): calibrate first with transform(calibration_batch) "
-                    "or transform.load_state_dict(state) before iterating the DataLoader"
+                    "worker process; workers only apply the masks of the process that created the "
+                    "transform (so every worker uses the same ones): calibrate first with "
+                    "transform(calibration_batch) or transform.load_state_dict(state) before "
+                    "starting the workers"
                 )
             return False
         if not fitted:
@@ -352,6 +369,11 @@ class SparsifyTransform:
         return apply_mask(tensor, ready)
 
     def _to_tensor(self, entry: Any) -> torch.Tensor:
+        if isinstance(entry, torch.Tensor) and entry.layout != torch.strided:
+            raise TypeError(
+                f"a batch entry has layout {entry.layout}; accepted: dense (torch.strided) "
+                "tensors (convert it with .to_dense())"
+            )
         if isinstance(entry, np.ndarray):  # torch takes neither read-only nor reversed arrays
             usable = entry.flags.writeable and all(stride >= 0 for stride in entry.strides)
             entry = torch.from_numpy(entry if usable else entry.copy())
@@ -390,8 +412,6 @@ class SparsifyTransform:
             mask = self.sparsifier.get_mask(name)
             if mask.device.type == "cpu":
                 mask.share_memory_()
-        if self._version is None:
-            self._version = MaskVersion()
         return self
 
     def _config(self) -> dict[str, Any]:
@@ -434,6 +454,7 @@ class SparsifyTransform:
             )
         if not isinstance(state_dict.get("sparsifier"), Mapping):
             raise CorruptStateError("transform state is missing its 'sparsifier' dict")
+        self._check_owned("load_state_dict")
         with self._writing_masks():
             self.sparsifier.load_state_dict(state_dict["sparsifier"])
         self._batches_seen = seen

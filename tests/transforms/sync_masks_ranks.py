@@ -1,6 +1,9 @@
 """Run by test_sharing.py: 2 gloo ranks on 127.0.0.1, masked batches before and after sync.
 
-Usage: python sync_masks_ranks.py PORT OUT_DIR. Each rank writes OUT_DIR/rank{r}.pt.
+Usage: python sync_masks_ranks.py PORT OUT_DIR [SCENARIO]. Each rank writes OUT_DIR/rank{r}.pt.
+SCENARIO "sync" (default): masked batches before and after; "unfitted_src" (rank 0 has no
+mask) and "mismatch" (the ranks' transforms differ in mask_over): each rank's error message
+and whether its mask stayed as it was.
 """
 
 import datetime
@@ -14,7 +17,31 @@ from pipesparse import DataNormSparsifier
 from pipesparse.transforms import SparsifyTransform, sync_masks
 
 
-def run(rank: int, port: int, out_dir: str) -> None:
+def failing(rank: int, scenario: str, out_dir: str) -> None:
+    if scenario == "mismatch":
+        mask_over = "features" if rank == 0 else "batch"
+        transform = SparsifyTransform(DataNormSparsifier(), update="frozen", mask_over=mask_over)
+    else:
+        transform = SparsifyTransform(DataNormSparsifier(), update="frozen")
+    if rank == 1 or scenario == "mismatch":
+        transform.fit(torch.randn(4, 16, generator=torch.Generator().manual_seed(rank)))
+    before = transform.state_dict()
+    try:
+        sync_masks(transform, src=0)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    after = transform.state_dict()
+    kept = before["sparsifier"]["state"].keys() == after["sparsifier"]["state"].keys() and all(
+        torch.equal(
+            before["sparsifier"]["state"][n]["mask"], after["sparsifier"]["state"][n]["mask"]
+        )
+        for n in before["sparsifier"]["state"]
+    )
+    torch.save({"error": error, "kept": kept}, f"{out_dir}/rank{rank}.pt")
+
+
+def run(rank: int, port: int, out_dir: str, scenario: str = "sync") -> None:
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -23,6 +50,9 @@ def run(rank: int, port: int, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
+        if scenario != "sync":
+            failing(rank, scenario, out_dir)
+            return
         transform = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), update=3)
         calibration = torch.randn(32, 16, generator=torch.Generator().manual_seed(100 + rank))
         for _ in range(rank + 1):  # the ranks also differ in their update=3 counter
@@ -41,4 +71,4 @@ def run(rank: int, port: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2, join=True)
+    mp.spawn(run, args=(int(sys.argv[1]), *sys.argv[2:4]), nprocs=2, join=True)

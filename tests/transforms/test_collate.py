@@ -95,6 +95,40 @@ def test_an_uncalibrated_frozen_transform_in_a_worker_asks_for_calibration():
         next(iter(dl))
 
 
+def refit_in_worker(worker_id):
+    torch.utils.data.get_worker_info().dataset.transform.fit(torch.randn(8, 8))
+
+
+class WithTransform(torch.utils.data.Dataset):
+    """A dataset holding the transform, so that worker_init_fn can reach it."""
+
+    def __init__(self, transform):
+        self.transform, self.data = transform, samples(8)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.data[index]
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_a_worker_may_not_rewrite_the_masks_it_shares(context):
+    tf = transform("frozen")
+    tf.fit(default_collate(samples(32, seed=1))["x"])
+    before = tf.sparsifier.get_mask("batch").clone()
+    dl = loader(
+        WithTransform(tf),
+        SparsifyCollate(tf),
+        num_workers=1,
+        multiprocessing_context=context,
+        worker_init_fn=refit_in_worker,
+    )
+    with pytest.raises(ValueError, match=r"fit in a worker process .* would rewrite the masks"):
+        next(iter(dl))
+    assert torch.equal(tf.sparsifier.get_mask("batch"), before)
+
+
 def test_every_n_in_workers_applies_the_main_process_mask_without_refitting():
     tf = transform(2)
     calibration = default_collate(samples(32, seed=1))

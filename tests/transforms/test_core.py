@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import warnings
 from collections import OrderedDict, UserDict, namedtuple
+from collections.abc import MutableMapping
 
 import numpy as np
 import pytest
@@ -221,6 +222,65 @@ def test_dataclass_batches_are_walked_and_rebuilt():
         assert torch.equal(out.x, expected_batch(x)) and batch.x is x
     with pytest.raises(KeyError, match=r"no entry 'y'.*\['x', 'ids', 'label'\]"):
         SparsifyTransform(norm(), keys="y")(batch)
+
+
+class Entries(MutableMapping):
+    """A mapping without __copy__ whose entries live in an inner dict: copy.copy shares it."""
+
+    def __init__(self, **entries):
+        self._entries = dict(entries)
+
+    def __getitem__(self, key):
+        return self._entries[key]
+
+    def __setitem__(self, key, value):
+        self._entries[key] = value
+
+    def __delitem__(self, key):
+        del self._entries[key]
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+
+def test_a_mapping_whose_copy_shares_its_entries_is_not_changed():
+    x = torch.randn(4, 8)
+    batch = Entries(x=x, id=3)
+    out = SparsifyTransform(norm())(batch)
+    assert type(out) is Entries and out is not batch
+    assert batch["x"] is x and torch.equal(out["x"], expected_batch(x)) and out["id"] == 3
+
+
+def test_a_sparse_batch_is_a_type_error():
+    with pytest.raises(TypeError, match="layout torch.sparse_coo; accepted: dense"):
+        SparsifyTransform(norm())(torch.randn(4, 8).to_sparse())
+
+
+def as_worker(transform):
+    """The transform as a worker process that shares its masks sees it."""
+    transform._version._writer = -1
+    return transform
+
+
+def test_a_worker_process_applies_shared_masks_and_never_writes_them():
+    transform = SparsifyTransform(norm(), update=2)
+    transform.fit(torch.randn(4, 8))
+    mask, state = transform.sparsifier.get_mask("batch").clone(), transform.state_dict()
+    as_worker(transform)
+    for _ in range(3):  # update=2 would refit the second batch in the owner
+        transform(torch.randn(4, 8))
+    assert torch.equal(transform.sparsifier.get_mask("batch"), mask)
+    for action in (
+        lambda: transform.fit(torch.randn(4, 8)),
+        lambda: transform.load_state_dict(state),
+    ):
+        with pytest.raises(ValueError, match="in a worker process .* would rewrite the masks"):
+            action()
+    with pytest.raises(ValueError, match="no mask for .* in this worker process"):
+        as_worker(SparsifyTransform(norm(), update="frozen"))(torch.randn(4, 8))
 
 
 def test_keys_select_entries():

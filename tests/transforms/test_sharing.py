@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -34,6 +35,27 @@ def test_ranks_emit_identical_masked_batches_after_sync(tmp_path):
     assert torch.equal(rank0["after"], rank0["before"])  # src keeps its mask
     # the update=3 counter is synced too, so the ranks refit on the same future batches
     assert rank0["batches_seen"] == rank1["batches_seen"] == 3
+
+
+@pytest.mark.parametrize(
+    "scenario, message",
+    [
+        ("unfitted_src", r"rank 0 \(src\) has no masks to send"),
+        ("mismatch", "rank 1 cannot load rank 0's masks: .*mask_over"),
+    ],
+)
+def test_a_sync_that_cannot_be_done_raises_on_every_rank_and_changes_none(
+    tmp_path, scenario, message
+):
+    subprocess.run(
+        [sys.executable, str(RANKS_SCRIPT), str(free_port()), str(tmp_path), scenario],
+        check=True,
+        timeout=180,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["error"] == ranks[1]["error"]
+    assert re.search(message, ranks[0]["error"])
+    assert ranks[0]["kept"] and ranks[1]["kept"]
 
 
 def test_sync_masks_needs_a_process_group_and_a_transform():
