@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit per-feature masks on data -> a state file")
     _add_common(fit)
-    fit.add_argument("--out", required=True, metavar="STATE", help="state file to write")
+    fit.add_argument(
+        "--out", required=True, metavar="STATE", help="state file to write (not an input shard)"
+    )
     _add_rule(fit, default="norm")
 
     pre = commands.add_parser("preprocess", help="sparsify shards into a folder, resumably")
@@ -84,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--state",
         help="mask state (from `pipesparse fit`, or a saved state_dict): the same frozen masks for "
-        "every row; without it every row gets its own mask",
+        "every row; a SparsifyTransform or sparsifier state_dict also needs --sparsifier, the rule "
+        "it was made with (a fit file records its own); without --state every row gets its own "
+        "mask",
     )
     pre.add_argument("--format", choices=FORMATS, default="dense", help="output format")
     pre.add_argument("--engine", choices=ENGINES, default="local", help="where to run")
@@ -94,8 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     inspect = commands.add_parser("inspect", help="what a state file holds")
-    inspect.add_argument("state", metavar="STATE")
-    inspect.add_argument("--plot", metavar="PNG", help="also draw the masks into this PNG")
+    inspect.add_argument(
+        "state", metavar="STATE", help="a fit file, or a saved transform or sparsifier state_dict"
+    )
+    inspect.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw the masks into this PNG (.png is added to a name without an extension)",
+    )
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,12 +36,22 @@ def _figure(rows: int, cols: int, size: float = 2.2):
     return plt, fig, axes
 
 
+def _written_path(path: str | Path) -> Path:
+    """The file ``savefig`` writes for ``path``: a name without an extension gets ``.png``
+    (matplotlib would add it on its own), so the path returned is the file on disk."""
+    path = Path(path)
+    if not os.path.splitext(path.name)[1].lstrip("."):
+        path = path.with_name(path.name.rstrip(".") + ".png")
+    return path
+
+
 def _save(plt, fig, path: str | Path, title: str) -> Path:
-    """Title, lay out, write the PNG (creating its folder) and free the figure."""
+    """Title, lay out, write the image (creating its folder), free the figure; returns the
+    path of the file written."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
+    path = _written_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -219,3 +219,62 @@ def test_corrupt_state_files_are_one_line_errors(tmp_path, shards, capsys):
     argv = ["preprocess", str(shards), "--out", str(tmp_path / "o"), "--columns", "x",
             "--sparsifier", "norm", "--state", str(tmp_path / "bad.pt")]  # fmt: skip
     assert "bad.pt: state is int 5, expected a dict" in _error(capsys, argv)
+
+
+def test_fit_refuses_to_write_over_an_input_shard(shards, capsys):
+    shard = shards / "s0.parquet"
+    before = shard.read_bytes()
+    for inputs in ([str(shard)], [str(shards)]):
+        message = _error(capsys, ["fit", *inputs, "--columns", "x", "--out", str(shard)])
+        assert f"input file {shard} is the output state file {shard}" in message
+        assert "pass another --out" in message
+    assert shard.read_bytes() == before
+
+
+def test_inspect_describes_batch_masks_and_plots_to_the_file_it_names(tmp_path, capsys):
+    from pipesparse.sparsifiers import DataNormSparsifier
+    from pipesparse.transforms.core import SparsifyTransform
+
+    transform = SparsifyTransform(DataNormSparsifier(), update="every_batch", mask_over="batch")
+    transform(torch.randn(3, 8))
+    torch.save(transform.state_dict(), tmp_path / "b.pt")
+    assert main(["inspect", str(tmp_path / "b.pt"), "--plot", str(tmp_path / "masks")]) == 0
+    out = capsys.readouterr().out
+    assert "transform state" in out and "mask_over: batch" in out and "update: every_batch" in out
+    assert "mask 'batch': shape (3, 8), kept 12, sparsity 50.0%" in out
+    assert out.rstrip().endswith(f"plot: {tmp_path / 'masks.png'}")
+    assert (tmp_path / "masks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inspect_errors_name_the_problem_in_one_line(tmp_path, capsys):
+    torch.save({"format": "pipesparse.data_sparsifier/1", "state": {}}, tmp_path / "g.pt")
+    assert "without its 'data_groups' key" in _error(capsys, ["inspect", str(tmp_path / "g.pt")])
+    (tmp_path / "script.py").write_text("print('hi')\n")
+    message = _error(capsys, ["inspect", str(tmp_path / "script.py")])
+    assert f"state file {tmp_path / 'script.py'} cannot be read as a torch state" in message
+
+
+def test_preprocess_state_dict_needs_the_rule_it_was_made_with(tmp_path, shards, capsys):
+    from pipesparse.sparsifiers import DataNormSparsifier
+    from pipesparse.transforms.core import SparsifyTransform
+
+    transform = SparsifyTransform(
+        DataNormSparsifier(sparsity_level=0.5), keys=["x"], update="frozen", mask_over="features"
+    )
+    transform.fit({"x": torch.randn(5, 8)})
+    state = str(tmp_path / "tf.pt")
+    torch.save(transform.state_dict(), state)
+    base = ["preprocess", str(shards), "--out", str(tmp_path / "o"), "--columns", "x"]
+    base += ["--state", state, "--quiet"]
+    assert "--sparsifier is required with" in _error(capsys, base)
+    message = _error(capsys, [*base, "--sparsifier", "threshold"])
+    assert "the config of mask 'batch' in" in message
+    assert "does not fit --sparsifier threshold (ThresholdSparsifier)" in message
+    assert "pass the --sparsifier the state was made with (its config fits: norm)" in message
+    assert main([*base, "--sparsifier", "norm"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["preprocess", "--help"])
+    assert "also needs --sparsifier, the rule it was made with" in " ".join(
+        capsys.readouterr().out.split()
+    )

@@ -15,6 +15,14 @@ def test_mask_panels(tmp_path):
         plot_masks({}, tmp_path / "x.png")
 
 
+@pytest.mark.parametrize(
+    ("given", "written"), [("m", "m.png"), ("m.", "m.png"), ("m.svg", "m.svg")]
+)
+def test_the_returned_path_is_the_file_written(tmp_path, given, written):
+    path = plot_masks({"a": torch.ones(1, 4, dtype=torch.bool)}, tmp_path / given)
+    assert path == tmp_path / written and sorted(p.name for p in tmp_path.iterdir()) == [written]
+
+
 def test_sample_grid(tmp_path):
     rows = [("in", torch.rand(3, 4, 4)), ("out", torch.rand(2, 4, 4)), ("1-d", torch.rand(3, 8))]
     path = plot_samples(rows, tmp_path / "s.png")

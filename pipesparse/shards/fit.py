@@ -8,6 +8,7 @@ float64, batch by batch, so memory is bounded by ``batch_rows``).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from pipesparse.shards.columns import to_tensor
 from pipesparse.shards.config import make_sparsifier
-from pipesparse.shards.inputs import discover_shards
+from pipesparse.shards.inputs import Shard, discover_shards
 from pipesparse.shards.progress import progress_bar
 from pipesparse.shards.schema import parse_columns, resolve_columns
 from pipesparse.shards.state import (
@@ -44,7 +45,8 @@ def fit(
     Args:
         inputs: Parquet files, folders of them, or folders written by ``save_to_disk``.
         columns: the columns to fit masks for (``"a,b"`` or a list).
-        out: the state file to write (``torch.save``; load with ``weights_only=True``).
+        out: the state file to write (``torch.save``; load with ``weights_only=True``); not
+            one of the input shards (refused: it would replace that shard).
         sparsifier: ``norm``, ``threshold`` or ``nm``.
         config: sparsifier options, e.g. ``{"sparsity_level": 0.7}``.
         batch_rows: rows read at a time.
@@ -56,6 +58,7 @@ def fit(
     config = dict(config or {})
     rule = make_sparsifier(sparsifier, config)  # a bad config fails before any data is read
     shards = discover_shards(list(inputs))
+    _refuse_input_as_out(shards, out)
     specs = resolve_columns(shards, parse_columns(columns))
     transform = SparsifyTransform(
         rule,
@@ -92,6 +95,18 @@ def fit(
     }
     save_state_file(out, state)
     return state
+
+
+def _refuse_input_as_out(shards: list[Shard], out: str | Path) -> None:
+    """ValueError when ``out`` is one of the input shards: the state file would replace it."""
+    target = Path(out).resolve()
+    for shard in shards:
+        path = Path(shard.path)
+        if path.resolve() == target or (target.exists() and os.path.samefile(path, target)):
+            raise ValueError(
+                f"input file {shard.path} is the output state file {out}, where the fitted "
+                "masks are written; pass another --out"
+            )
 
 
 def fit_report(state: dict[str, Any], out: str | Path) -> str:

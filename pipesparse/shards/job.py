@@ -29,7 +29,7 @@ from pipesparse.shards.columns import (
     list_levels,
     to_numpy,
 )
-from pipesparse.shards.config import make_sparsifier, sparsifier_class
+from pipesparse.shards.config import SPARSIFIERS, make_sparsifier, sparsifier_class
 from pipesparse.shards.coo import coo_type, encode, output_metadata
 from pipesparse.shards.inputs import Shard, file_sha256
 from pipesparse.shards.schema import parse_columns, resolve_columns
@@ -195,6 +195,31 @@ class BatchProcessor:
         return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _config_error(name: str, config: dict[str, Any]) -> str | None:
+    """Why sparsifier ``name`` cannot take a mask's ``config`` (None when it can)."""
+    try:
+        make_sparsifier(name, {})._validate_config(config)
+    except (TypeError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def _check_rule_fits_state(sparsifier: str, groups: dict[str, Any], state: str) -> None:
+    """ValueError when a state file that does not record its rule holds mask configs that
+    ``--sparsifier`` cannot take: loading it would blame the state for the wrong rule."""
+    for name, config in groups.items():
+        error = _config_error(sparsifier, dict(config))
+        if error is None:
+            continue
+        fits = [other for other in SPARSIFIERS if _config_error(other, dict(config)) is None]
+        hint = f" (its config fits: {', '.join(fits)})" if fits else ""
+        raise ValueError(
+            f"the config of mask {name!r} in {state} does not fit --sparsifier {sparsifier} "
+            f"({sparsifier_class(sparsifier).__name__}): {error}; pass the --sparsifier the "
+            f"state was made with{hint}"
+        )
+
+
 def build_job(
     shards: list[Shard],
     columns: str | list[str],
@@ -222,11 +247,14 @@ def build_job(
     if sparsifier is None:
         if fitted_with is None:
             raise ValueError(
-                f"--sparsifier is required with {state}, which is not a `pipesparse fit` file"
+                f"--sparsifier is required with {state}, which is not a `pipesparse fit` file: "
+                f"pass the rule the state was made with ({', '.join(SPARSIFIERS)})"
             )
         sparsifier = fitted_with
     elif fitted_with is not None and fitted_with != sparsifier:
         raise ValueError(f"{state} was fitted with --sparsifier {fitted_with}, not {sparsifier}")
+    elif fitted_with is None:
+        _check_rule_fits_state(sparsifier, transform_state["sparsifier"]["data_groups"], state)
     recorded = (
         raw.get("config")
         if fitted_with is not None

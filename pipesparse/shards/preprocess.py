@@ -95,7 +95,8 @@ def preprocess(
         inputs: Parquet files, folders of them, or folders written by ``save_to_disk``.
         out: output folder; ``manifest.json`` there records the job and the finished shards.
         columns: the columns to sparsify (``"a,b"`` or a list); others pass through unchanged.
-        sparsifier: ``norm``, ``threshold`` or ``nm`` (optional with a ``pipesparse fit`` state).
+        sparsifier: ``norm``, ``threshold`` or ``nm``; optional with a ``pipesparse fit`` state,
+            required with other states (the rule they were made with).
         config: sparsifier options (``{"sparsity_level": 0.5}``); not with ``state``.
         state: a mask state file: one frozen mask per column for every row of every shard.
             Without it every row gets its own mask, computed from that row.

@@ -5,7 +5,8 @@ Accepted files (all read with ``torch.load(weights_only=True)``):
 - a fit file (``format: "pipesparse.fit/1"``): the sparsifier's CLI name, class and config,
   the columns and their row shapes, the rows it was fitted on, and ``transform``: the
   ``SparsifyTransform.state_dict()`` of a frozen ``mask_over="features"`` transform;
-- a ``SparsifyTransform.state_dict()`` saved with ``torch.save`` (``mask_over="features"``);
+- a ``SparsifyTransform.state_dict()`` saved with ``torch.save`` (``--state`` needs
+  ``mask_over="features"``; :func:`describe_state` takes ``mask_over="batch"`` ones too);
 - a sparsifier's ``state_dict()`` saved with ``torch.save``, its masks named after the columns
   (or as a transform names them), of shape ``S`` or ``(1, *S)`` for rows of shape ``S``.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,15 +66,33 @@ def save_state_file(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load`` failed, in one line: its weights_only text runs to several lines of
+    advice about ``weights_only=False``, which a state file never needs."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        lines = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        detail = lines[0].split(" was not an allowed global")[0].strip() if lines else ""
+        return "it is not a torch.save file of tensors and plain containers" + (
+            f" ({detail})" if detail else ""
+        )
+    if isinstance(err, EOFError):
+        return "the file ends early (empty or truncated)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def load_state_file(path: str | Path) -> dict[str, Any]:
     """The dict in a state file; CorruptStateError (naming the file) when it is not one."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of any pickle
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"state file {path} does not exist") from None
     except Exception as err:  # unpickling errors come in many types
         raise CorruptStateError(
-            f"state file {path} cannot be read as a torch state: {err}"
+            f"state file {path} cannot be read as a torch state: {_load_failure(err)}"
         ) from None
     if not isinstance(state, Mapping):
         raise CorruptStateError(
@@ -89,8 +109,15 @@ def _kind(state: Mapping[str, Any], path: str) -> str:
         return "transform"
     if fmt in (STATE_FORMAT, None) and "state" in state and "data_groups" in state:
         return "sparsifier"
+    if fmt == STATE_FORMAT or (fmt is None and ("state" in state or "data_groups" in state)):
+        missing = " and ".join(repr(k) for k in ("state", "data_groups") if k not in state)
+        raise CorruptStateError(
+            f"state file {path} is a sparsifier state ({STATE_FORMAT}) without its {missing} "
+            "key; a sparsifier state_dict holds both 'state' (masks) and 'data_groups' (configs)"
+        )
+    has = f"format {fmt!r}" if "format" in state else "no 'format' key"
     raise CorruptStateError(
-        f"state file {path} has format {fmt!r}; accepted: a `pipesparse fit` file ({FIT_FORMAT}), "
+        f"state file {path} has {has}; accepted: a `pipesparse fit` file ({FIT_FORMAT}), "
         f"a SparsifyTransform state ({TRANSFORM_STATE_FORMAT}) or a sparsifier state ({STATE_FORMAT})"
     )
 
@@ -129,34 +156,32 @@ def _fit_columns(state: Mapping[str, Any], path: str) -> list[str]:
 
 def _sparsifier_state(
     state: Mapping[str, Any], path: str
-) -> tuple[Mapping[str, Any], str | None, list[str] | None]:
+) -> tuple[Mapping[str, Any], Mapping[str, Any] | None, list[str] | None]:
     """The sparsifier state_dict inside ``state`` (its masks and data groups checked to be
-    dicts), the transform name its masks use, and the columns of a fit file."""
+    dicts), the transform's config (None for a plain sparsifier state), and the columns of a
+    fit file. Any valid state passes: what a use needs of it is checked by that use."""
     kind = _kind(state, path)
     columns = _fit_columns(state, path) if kind == "fit" else None
     if kind == "sparsifier":
-        sd, prefix, where = state, None, ""
+        sd, config, where = state, None, ""
     else:
         where = "transform." if kind == "fit" else ""
         transform = _expect(
             state.get("transform") if kind == "fit" else state, Mapping, path, "transform", "a dict"
         )
         config = _expect(transform.get("config"), Mapping, path, f"{where}config", "a dict")
-        if config.get("mask_over") != "features":
-            raise CorruptStateError(
-                f"state file {path} holds mask_over={config.get('mask_over')!r} masks, which fit "
-                "one batch shape; shards need per-feature masks (mask_over='features', as "
-                "`pipesparse fit` makes)"
-            )
-        prefix = _expect(
-            config.get("name", TRANSFORM_NAME), str, path, f"{where}config.name", "a string"
-        )
+        _expect(config.get("name", TRANSFORM_NAME), str, path, f"{where}config.name", "a string")
         where += "sparsifier."
         sd = _expect(transform.get("sparsifier"), Mapping, path, where[:-1], "a dict")
     _dicts(sd.get("state"), path, f"{where}state")
     _dicts(sd.get("data_groups"), path, f"{where}data_groups")
     _expect(sd.get("mask_dtypes", {}), Mapping, path, f"{where}mask_dtypes", "a dict")
-    return sd, prefix, columns
+    return sd, config, columns
+
+
+def _prefix(config: Mapping[str, Any] | None) -> str | None:
+    """The name a transform gives its masks (None for a plain sparsifier state)."""
+    return None if config is None else config.get("name", TRANSFORM_NAME)
 
 
 def _candidates(
@@ -178,7 +203,14 @@ def transform_state_for(state: Mapping[str, Any], path: str, columns: list[Colum
     Raises CorruptStateError naming the masks the file has when one is missing or misshapen,
     and the key when a part of the state has the wrong type.
     """
-    sd, prefix, fitted = _sparsifier_state(state, path)
+    sd, config, fitted = _sparsifier_state(state, path)
+    if config is not None and config.get("mask_over") != "features":
+        raise CorruptStateError(
+            f"state file {path} holds mask_over={config.get('mask_over')!r} masks, which fit "
+            "one batch shape; shards need per-feature masks (mask_over='features', as "
+            "`pipesparse fit` makes)"
+        )
+    prefix = _prefix(config)
     masks, groups = sd["state"], sd["data_groups"]
     dtypes = sd.get("mask_dtypes", {})
     names = [c.name for c in columns]
@@ -225,10 +257,11 @@ def transform_state_for(state: Mapping[str, Any], path: str, columns: list[Colum
 
 def describe_state(state: Mapping[str, Any], path: str) -> dict[str, Any]:
     """What a state holds: its kind, header fields, and per mask its shape, sparsity, config
-    (and, for a fit file, the column it masks)."""
+    (and, for a fit file, the column it masks). Any valid state is described, also those
+    ``--state`` refuses (a transform's ``mask_over="batch"`` masks)."""
     kind = _kind(state, path)
-    sd, prefix, fitted = _sparsifier_state(state, path)
-    column_of = {mask_name(c, fitted, prefix): c for c in fitted or []}
+    sd, config, fitted = _sparsifier_state(state, path)
+    column_of = {mask_name(c, fitted, _prefix(config)): c for c in fitted or []}
     masks = {}
     for name, entry in sd["state"].items():
         mask = entry.get("mask")
@@ -248,4 +281,8 @@ def describe_state(state: Mapping[str, Any], path: str) -> dict[str, Any]:
     if kind == "fit":
         for key in ("sparsifier", "sparsifier_class", "config", "columns", "rows"):
             header[key] = state.get(key)
+    elif kind == "transform":
+        for key in ("name", "update", "mask_over"):
+            header[key] = config.get(key)
+        header["batches_seen"] = state.get("batches_seen")
     return {"header": header, "masks": masks}

@@ -50,3 +50,18 @@ def test_no_rows_is_an_error(tmp_path, make_shards):
     with pytest.raises(ValueError):
         fit([str(tmp_path / "in")], "fixed", tmp_path / "s.pt")
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_out_that_is_an_input_shard_is_refused(tmp_path, make_shards):
+    paths = make_shards(tmp_path / "in", shards=2)
+    before = [p.read_bytes() for p in paths]
+    (tmp_path / "link.parquet").symlink_to(paths[0])
+    for inputs, out in (
+        ([str(paths[0])], paths[0]),  # the file itself
+        ([str(tmp_path / "in")], paths[1]),  # a shard found in a folder input
+        ([str(tmp_path / "in")], tmp_path / "in" / ".." / "in" / paths[0].name),
+        ([str(tmp_path / "in")], tmp_path / "link.parquet"),  # a link to a shard
+    ):
+        with pytest.raises(ValueError, match=r"input file .* is the output state file .*--out"):
+            fit(inputs, "vec", out, quiet=True)
+    assert [p.read_bytes() for p in paths] == before

@@ -67,6 +67,48 @@ def test_load_state_file_errors(tmp_path):
         load_state_file(tmp_path / "list.pt")
 
 
+@pytest.mark.parametrize("update", ["every_batch", "frozen"])
+def test_describe_batch_masks(update):
+    transform = SparsifyTransform(DataNormSparsifier(), update=update, mask_over="batch")
+    transform(torch.randn(3, 8))
+    described = describe_state(transform.state_dict(), "s.pt")
+    assert described["header"] == {
+        "kind": "transform",
+        "name": "batch",
+        "update": update,
+        "mask_over": "batch",
+        "batches_seen": 1,
+    }
+    entry = described["masks"]["batch"]
+    assert entry["shape"] == (3, 8) and entry["kept"] == 12 and entry["sparsity"] == 0.5
+    with pytest.raises(CorruptStateError, match="mask_over='batch' masks"):  # --state still refuses
+        transform_state_for(transform.state_dict(), "s.pt", [ColumnSpec("batch", (8,), "f")])
+
+
+def test_a_sparsifier_state_without_a_key_says_which():
+    for state in (
+        {"format": "pipesparse.data_sparsifier/1", "state": {}},
+        {"state": {}},
+    ):
+        with pytest.raises(CorruptStateError, match="without its 'data_groups' key"):
+            describe_state(state, "s.pt")
+    with pytest.raises(CorruptStateError, match="has no 'format' key; accepted"):
+        describe_state({"x": 1}, "s.pt")
+
+
+def test_a_file_torch_cannot_load_is_one_line(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text("print('hi')\n")
+    with pytest.raises(CorruptStateError) as caught:
+        load_state_file(script)
+    message = str(caught.value)
+    assert "\n" not in message and "weights_only` set to `False" not in message
+    assert message.startswith(f"state file {script} cannot be read as a torch state: it is not")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CorruptStateError, match="empty.pt .*: the file ends early"):
+        load_state_file(tmp_path / "empty.pt")
+
+
 def test_describe():
     described = describe_state(_sparsifier_state(), "s.pt")
     assert described["header"] == {"kind": "sparsifier"}
