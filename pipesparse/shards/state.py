@@ -189,11 +189,13 @@ def _candidates(
 ) -> list[str]:
     """The mask names that may hold ``column``'s mask. A fit file names its masks after the
     columns it was fitted on; a transform state after its own keys (not recorded: ``prefix``
-    alone when it has one mask); a sparsifier state after the columns."""
+    alone when it has one mask and one column is preprocessed: that mask belongs to no column
+    in particular, so it may not serve two); a sparsifier state after the columns."""
     if fitted is not None:
         return [mask_name(column, fitted, prefix)] if column in fitted else []
     if prefix is not None:
-        return [*data_names([f"{prefix}_{column}"]), *([prefix] if len(masks) == 1 else [])]
+        alone = len(masks) == 1 and len(columns) == 1
+        return [*data_names([f"{prefix}_{column}"]), *([prefix] if alone else [])]
     return [column, mask_name(column, columns)]
 
 

@@ -181,11 +181,16 @@ class SparsifyTransform:
         if in_place and len(tensors) > 1:  # entries sharing memory would be masked twice
             in_place = len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
         products = self._fit(names, tensors, in_place) if self._must_fit(names) else {}
+        if self.persistent and self._version.elsewhere:  # (where it never fits)
+            outs = self._apply_shared(names, tensors, in_place)
+        else:
+            outs = [
+                products[n] if n in products else self._apply(n, t, in_place)
+                for n, t in zip(names, tensors, strict=True)
+            ]
         masked = {
-            path: self._from_tensor(
-                products[n] if n in products else self._apply(n, t, in_place), entry
-            )
-            for n, t, (path, entry) in zip(names, tensors, entries, strict=True)
+            path: self._from_tensor(out, entry)
+            for out, (path, entry) in zip(outs, entries, strict=True)
         }
         self._batches_seen += 1
         return _structure.replace(batch, masked)
@@ -342,7 +347,8 @@ class SparsifyTransform:
             magnitude = magnitude.float()
         return magnitude.mean(dim=0, keepdim=True)
 
-    def _apply(self, name: str, tensor: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    def _mask_for(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The mask of ``name``, checked against the batch entry it is to multiply."""
         mask = self.sparsifier.get_mask(name)
         if self.mask_over == "features":
             if tuple(mask.shape) != (1, *tensor.shape[1:]):
@@ -356,17 +362,47 @@ class SparsifyTransform:
                 f"{tuple(mask.shape)}; the batch entry has shape {tuple(tensor.shape)}. Use "
                 "mask_over='features' for a mask that broadcasts over any batch size"
             )
-        in_place = in_place and not tensor.requires_grad
-        version = self._version if self.persistent else None
-        if version is not None and version.elsewhere:  # masks another process may rewrite
-            if not in_place:
-                return version.read(lambda: apply_mask(tensor, mask))
-            ready = version.read(lambda: _private(mask_like(tensor, mask.to(tensor.device)), mask))
-        else:
-            ready = mask_like(tensor, mask.to(tensor.device))
-        if in_place and torch.can_cast(torch.result_type(tensor, ready), tensor.dtype):
+        return mask
+
+    def _apply(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        in_place: bool = False,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``tensor`` times the mask of ``name`` (or ``mask``), in place where it may be."""
+        mask = self._mask_for(name, tensor) if mask is None else mask
+        ready = mask_like(tensor, mask.to(tensor.device))
+        if (
+            in_place
+            and not tensor.requires_grad
+            and torch.can_cast(torch.result_type(tensor, ready), tensor.dtype)
+        ):
             return tensor.mul_(ready)
         return apply_mask(tensor, ready)
+
+    def _apply_shared(
+        self, names: list[str], tensors: list[torch.Tensor], in_place: bool
+    ) -> list[torch.Tensor]:
+        """:meth:`_apply` for every entry, with masks that another process may be rewriting:
+        all of one batch read together, so from one fit; in place only with private copies of
+        them (an in-place multiply cannot be redone if a mask changed under it)."""
+        masks = [self._mask_for(n, t) for n, t in zip(names, tensors, strict=True)]
+        if not in_place:
+            return self._version.read(
+                lambda: [
+                    self._apply(n, t, False, m)
+                    for n, t, m in zip(names, tensors, masks, strict=True)
+                ]
+            )
+        copies = self._version.read(
+            lambda: [
+                _private(mask_like(t, m.to(t.device)), m)
+                for t, m in zip(tensors, masks, strict=True)
+            ]
+        )
+        return [self._apply(n, t, True, c) for n, t, c in zip(names, tensors, copies, strict=True)]
 
     def _to_tensor(self, entry: Any) -> torch.Tensor:
         if isinstance(entry, torch.Tensor) and entry.layout != torch.strided:
@@ -403,6 +439,14 @@ class SparsifyTransform:
         state = dict(self.__dict__)
         state["_mask_pid"] = None  # a copy (another process, a deepcopy) starts its own masks
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.persistent:
+            if self.__dict__.get("_version") is None:  # pickled before there was one
+                self._version = MaskVersion()
+            if not self._version.elsewhere:  # a copy's masks: shared, as its original's were,
+                self.share_memory()  # so that workers forked from it see its next fit
 
     # -- sharing and state ------------------------------------------------------------------
     def share_memory(self) -> SparsifyTransform:

@@ -43,6 +43,16 @@ def test_transform_state_is_accepted():
     )
 
 
+def test_a_one_mask_transform_state_serves_one_column_only():
+    transform = SparsifyTransform(DataNormSparsifier(), keys=["a"], update="frozen")
+    transform.fit({"a": torch.randn(5, 4), "b": torch.randn(5, 4)})  # one mask: 'batch'
+    state = transform.state_dict()
+    alone = transform_state_for(state, "s.pt", SPECS[:1])
+    assert list(alone["sparsifier"]["state"]) == ["batch"]
+    with pytest.raises(CorruptStateError, match="no mask for column 'a'.*'batch_a'"):
+        transform_state_for(state, "s.pt", [SPECS[0], ColumnSpec("c", (4,), "f")])
+
+
 def test_batch_masks_and_mismatches_are_refused():
     per_batch = SparsifyTransform(DataNormSparsifier(), update="frozen", mask_over="batch")
     per_batch(torch.randn(3, 4))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
+import pickle
 import warnings
 from collections import OrderedDict, UserDict, namedtuple
 from collections.abc import MutableMapping
@@ -281,6 +283,33 @@ def test_a_worker_process_applies_shared_masks_and_never_writes_them():
             action()
     with pytest.raises(ValueError, match="no mask for .* in this worker process"):
         as_worker(SparsifyTransform(norm(), update="frozen"))(torch.randn(4, 8))
+
+
+def test_a_worker_reads_every_mask_of_a_batch_at_once():
+    """Entries of one batch are masked by one fit even if the owner refits meanwhile: their
+    masks are read under one check of the sequence counter, not one each."""
+    transform = SparsifyTransform(norm(), update="frozen")
+    batch = {"x": torch.randn(4, 8), "y": torch.randn(4, 8)}
+    transform.fit(batch)
+    reads = []
+    version = as_worker(transform)._version
+    read = version.read
+    version.read = lambda fn: reads.append(1) or read(fn)
+    for apply in (transform, transform.apply_in_place):
+        reads.clear()
+        out = apply({k: v.clone() for k, v in batch.items()})
+        assert len(reads) == 1 and torch.equal(out["y"], expected_features(batch["y"], batch["y"]))
+
+
+def test_copies_of_a_persistent_transform_share_their_masks_and_old_pickles_load():
+    transform = SparsifyTransform(norm(), update="frozen")
+    transform.fit(torch.randn(4, 8))
+    copied = copy.deepcopy(transform)
+    assert copied.sparsifier.get_mask("batch").is_shared() and not copied._version.elsewhere
+    del transform.__dict__["_version"]  # as a transform pickled before it had one
+    loaded = pickle.loads(pickle.dumps(transform))
+    x = torch.randn(4, 8)
+    assert torch.equal(loaded(x), copied(x)) and not loaded._version.elsewhere
 
 
 def test_keys_select_entries():
