@@ -44,6 +44,33 @@ def shards_dir(tmp_path: Path) -> Path:
     return tmp_path / "in"
 
 
+def write_vectors(path: Path, rows: list[list[float]], column: str = "e") -> Path:
+    """One shard whose ``column`` holds ``rows`` as list<float32> (ragged rows allowed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({column: pa.array(rows, pa.list_(pa.float32()))}), path)
+    return path
+
+
+def damage_first_page(path: Path) -> None:
+    """Flip the bytes of the shard's first page header: Parquet metadata still reads, the data
+    does not."""
+    damaged = bytearray(path.read_bytes())
+    damaged[4:12] = bytes(b ^ 0xFF for b in damaged[4:12])
+    path.write_bytes(damaged)
+
+
+@pytest.fixture
+def vectors_shard():
+    """``vectors_shard(path, rows, column="e") -> path``: see :func:`write_vectors`."""
+    return write_vectors
+
+
+@pytest.fixture
+def damaged():
+    """``damaged(path)``: see :func:`damage_first_page`."""
+    return damage_first_page
+
+
 @pytest.fixture
 def make_shards():
     """``make_shards(folder, shards=3, rows=20, seed=0, empty_last=False) -> [paths]``."""

@@ -212,15 +212,10 @@ def test_output_folder_inside_the_input_folder_is_not_input(tmp_path, shards_dir
     assert _outputs(out) == ["part-00.parquet", "part-01.parquet", "part-02.parquet"]
 
 
-def test_a_bad_first_batch_keeps_the_shard_finished_before_it(tmp_path):
+def test_a_bad_first_batch_keeps_the_shard_finished_before_it(tmp_path, vectors_shard):
     folder = tmp_path / "in"
-    folder.mkdir()
-    kind = pa.list_(pa.float32())
-    pq.write_table(
-        pa.table({"e": pa.array([[1.0, 2.0, 3.0, 4.0]] * 5, kind)}), folder / "a.parquet"
-    )
-    ragged = pa.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0]], kind)
-    pq.write_table(pa.table({"e": ragged}), folder / "b.parquet")
+    vectors_shard(folder / "a.parquet", [[1.0, 2.0, 3.0, 4.0]] * 5)
+    vectors_shard(folder / "b.parquet", [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0]])
     with pytest.raises(ShardError, match=r"b.parquet, column 'e', row 1: ragged row"):
         preprocess([str(folder)], tmp_path / "out", "e", "threshold", quiet=True)
     assert _outputs(tmp_path / "out") == ["a.parquet"]

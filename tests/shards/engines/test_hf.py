@@ -62,27 +62,19 @@ def test_hf_engine_reports_the_bad_row(tmp_path):
     assert not list((tmp_path / "out").glob("*.parquet"))
 
 
-def test_a_name_with_glob_characters_is_read_as_itself(tmp_path):
+def test_a_name_with_glob_characters_is_read_as_itself(tmp_path, vectors_shard):
     folder = tmp_path / "in"
-    folder.mkdir()
-    kind = pa.list_(pa.float32())
-    pq.write_table(
-        pa.table({"e": pa.array([[1.0, 2.0, 3.0, 4.0]] * 5, kind)}), folder / "a0.parquet"
-    )
-    pq.write_table(
-        pa.table({"e": pa.array([[5.0, 6.0, 7.0, 8.0]] * 5, kind)}), folder / "a[0].parquet"
-    )
+    vectors_shard(folder / "a0.parquet", [[1.0, 2.0, 3.0, 4.0]] * 5)
+    vectors_shard(folder / "a[0].parquet", [[5.0, 6.0, 7.0, 8.0]] * 5)
     for engine in ("local", "hf"):
         preprocess([str(folder)], tmp_path / engine, "e", "threshold", engine=engine, quiet=True)
     assert _decoded(tmp_path / "hf") == _decoded(tmp_path / "local")
     assert read_sparse(tmp_path / "hf" / "a[0].parquet")["e"][0].tolist() == [5.0, 6.0, 7.0, 8.0]
 
 
-def test_unreadable_data_is_one_line_naming_the_file(tmp_path, make_shards):
+def test_unreadable_data_is_one_line_naming_the_file(tmp_path, make_shards, damaged):
     make_shards(tmp_path / "in", shards=2)
-    damaged = bytearray((tmp_path / "in" / "part-01.parquet").read_bytes())
-    damaged[4:12] = bytes(b ^ 0xFF for b in damaged[4:12])  # the first page header
-    (tmp_path / "in" / "part-01.parquet").write_bytes(damaged)
+    damaged(tmp_path / "in" / "part-01.parquet")
     with pytest.raises(ShardError, match=r"part-01.parquet: cannot read the file") as info:
         preprocess(
             [str(tmp_path / "in")], tmp_path / "out", "vec", "norm", engine="hf", workers=2,

@@ -177,11 +177,9 @@ def test_every_shard_keeps_its_own_name_and_schema(cluster, tmp_path):
     assert pq.read_table(tmp_path / "ray" / "split=train/a?.parquet").num_rows == 2
 
 
-def test_unreadable_data_is_one_line_naming_the_file(cluster, tmp_path, make_shards):
+def test_unreadable_data_is_one_line_naming_the_file(cluster, tmp_path, make_shards, damaged):
     make_shards(tmp_path / "in", shards=2)
-    damaged = bytearray((tmp_path / "in" / "part-01.parquet").read_bytes())
-    damaged[4:12] = bytes(b ^ 0xFF for b in damaged[4:12])  # the first page header
-    (tmp_path / "in" / "part-01.parquet").write_bytes(damaged)
+    damaged(tmp_path / "in" / "part-01.parquet")
     with pytest.raises(ShardError, match=r"part-01.parquet: cannot read the file") as info:
         preprocess(
             [str(tmp_path / "in")], tmp_path / "out", "vec", "norm", engine="ray", workers=1,
