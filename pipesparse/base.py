@@ -108,15 +108,21 @@ def apply_mask(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == data.dtype else out.to(data.dtype)
 
 
+def _zero_one(mask: torch.Tensor) -> bool:
+    """Whether every entry of ``mask`` is 0 or 1 (not a soft mask of a user's rule)."""
+    return bool(((mask == 0) | (mask == 1)).all())
+
+
 def mask_like(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A float mask in the dtype of float or integer data (0 and 1 are exact in each): a
-    float32 batch times a float64 mask, as ``fit`` leaves over features, was a promoting
-    multiply 100x slower, and int64 data times a float32 mask lost every value above 2^24."""
-    if (
-        mask.dtype != data.dtype
-        and mask.is_floating_point()
-        and not (data.dtype == torch.bool or data.is_complex())
-    ):
+    """A float mask in the dtype of float data, or of integer data when it is 0/1 (0 and 1 are
+    exact in each): a float32 batch times a float64 mask, as ``fit`` leaves over features, was
+    a promoting multiply 100x slower, and int64 data times a float32 mask lost every value
+    above 2^24. A soft mask stays float for integer data (its product is cast back)."""
+    if mask.dtype == data.dtype or not mask.is_floating_point():
+        return mask
+    if data.is_floating_point():
+        return mask.to(data.dtype)
+    if data.dtype != torch.bool and not data.is_complex() and _zero_one(mask):
         return mask.to(data.dtype)
     return mask
 
@@ -127,7 +133,7 @@ def _write_masked(data: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> 
         mask = mask_like(data, mask)
         if torch.can_cast(torch.result_type(data, mask), out.dtype):
             torch.mul(data, mask, out=out)
-        else:  # integer data: the product is a float, cast back as apply_mask casts it
+        else:  # integer data, soft mask: the product is a float, cast back as apply_mask does
             out.copy_(apply_mask(data, mask))
 
 
@@ -166,7 +172,7 @@ def _compact(mask: torch.Tensor) -> torch.Tensor:
     mask = mask.detach()
     if mask.dtype == torch.bool:
         return mask.clone()
-    if bool(((mask == 0) | (mask == 1)).all()):
+    if _zero_one(mask):
         return mask.to(torch.bool)
     return mask.clone()  # a soft mask (user rule) is kept as it is
 

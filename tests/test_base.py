@@ -364,6 +364,9 @@ def test_a_float_mask_of_another_dtype_masks_in_the_datas_dtype(same_bits):
     assert got.dtype == torch.float32 and mask_like(x, mask).dtype == torch.float32
     assert same_bits(got, (x.double() * mask).float())
     assert mask_like(x.long(), mask).dtype == torch.int64  # 0 and 1: exact, and no promotion
+    soft = torch.tensor([0.5, 1.0])  # a user rule's soft mask: the product is cast back
+    assert mask_like(torch.tensor([5, 4]), soft) is soft
+    assert apply_mask(torch.tensor([5, 4]), soft).tolist() == [2, 4]
     assert mask_like(x, mask.bool()).dtype == torch.bool
 
 
