@@ -30,7 +30,7 @@ from pipesparse.base import STATE_FORMAT, data_names
 from pipesparse.errors import CorruptStateError
 from pipesparse.shards.columns import ColumnSpec
 from pipesparse.shards.writer import atomic_write_bytes
-from pipesparse.transforms.core import TRANSFORM_STATE_FORMAT
+from pipesparse.transforms.core import TRANSFORM_STATE_FORMAT, entry_mask_names
 
 __all__ = [
     "FIT_FORMAT",
@@ -47,11 +47,8 @@ TRANSFORM_NAME = "batch"
 
 
 def mask_name(column: str, columns: list[str], prefix: str = TRANSFORM_NAME) -> str:
-    """The mask name of ``column`` in a transform named ``prefix`` over ``columns`` (its naming
-    rule: ``prefix`` alone for one column, else ``prefix_column`` spelled as a data name)."""
-    if len(columns) == 1:
-        return prefix
-    return data_names(f"{prefix}_{c}" for c in columns)[columns.index(column)]
+    """The mask name of ``column`` in a transform named ``prefix`` over ``columns``."""
+    return entry_mask_names(prefix, [(c,) for c in columns])[columns.index(column)]
 
 
 def jsonable(value: Any) -> Any:

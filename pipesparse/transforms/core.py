@@ -23,11 +23,20 @@ from pipesparse.errors import CorruptStateError
 from pipesparse.transforms import _structure
 from pipesparse.transforms._mask_version import MaskVersion
 
-__all__ = ["SparsifyTransform", "TRANSFORM_STATE_FORMAT"]
+__all__ = ["SparsifyTransform", "TRANSFORM_STATE_FORMAT", "entry_mask_names"]
 
 TRANSFORM_STATE_FORMAT = "pipesparse.transform/1"
 _UPDATES = ("every_batch", "frozen")
 _MASK_OVER = ("batch", "features")
+
+
+def entry_mask_names(name: str, paths: list[tuple[Any, ...]]) -> list[str]:
+    """The mask names of a transform called ``name`` for entries at ``paths``: ``name``, or
+    with several entries ``f"{name}_{key}"`` each, the keys of a path joined by ``_`` (``.``
+    in a key as ``_``), numbered where two would be alike."""
+    if len(paths) == 1:
+        return [name]
+    return data_names(f"{name}_{'_'.join(str(p) for p in path)}" for path in paths)
 
 
 def _check_update(update: Any) -> None:
@@ -219,11 +228,7 @@ class SparsifyTransform:
         return all(n in groups for n in (names or [self.name]))
 
     def _mask_names(self, paths: list[tuple[Any, ...]]) -> list[str]:
-        """``name``, or with several entries ``f"{name}_{key}"`` each, the keys of a path
-        joined by ``_`` (``.`` in a key as ``_``), numbered where two would be alike."""
-        if len(paths) == 1:
-            return [self.name]
-        return data_names(f"{self.name}_{'_'.join(str(p) for p in path)}" for path in paths)
+        return entry_mask_names(self.name, paths)
 
     def _owned(self) -> bool:
         """Whether this process writes the persistent masks: the one that created the
