@@ -313,7 +313,7 @@ class SparsifyTransform:
 
     def _writing_masks(self) -> AbstractContextManager[None]:
         """Around a write into shared masks: readers in workers wait for it, never see half."""
-        if self.persistent and self._version is not None:
+        if self.persistent:  # (a persistent transform has its version from the start)
             return self._version.writing()
         return nullcontext()
 
