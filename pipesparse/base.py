@@ -559,18 +559,19 @@ class BaseDataSparsifier(abc.ABC):
                     raise CorruptStateError(f"state_dict data for {name!r}: {err}") from None
                 data = data.detach().clone()  # the loaded sparsifier owns its data, as in torch.ao
             else:
-                data = self._kept_data(name, mask, config)
+                data = self._kept_data(name, mask, config, name in squashed)
             dtype = _dtype_from_name(name, dtypes[name]) if name in dtypes else mask.dtype
             entries[name] = (mask, dtype, config, data, name in squashed)
         return entries
 
     def _kept_data(
-        self, name: str, mask: torch.Tensor, config: Mapping[str, Any]
+        self, name: str, mask: torch.Tensor, config: Mapping[str, Any], squashed: bool
     ) -> torch.Tensor | None:
-        """The data ``name`` has now, kept by a load without data for it when the loaded mask
-        and config fit it; otherwise the name loads without data (``step`` skips it)."""
+        """The data ``name`` has now, kept by a load without data for it when the loaded mask,
+        config and squashed status fit it (squashed data holds masked values, unsquashed data
+        the originals); otherwise the name loads without data (``step`` skips it)."""
         data = self._data.get(name)
-        if data is None or data.shape != mask.shape:
+        if data is None or data.shape != mask.shape or (name in self._squashed) != squashed:
             return None
         try:
             self._validate_data(name, data, config)

@@ -156,6 +156,28 @@ def test_loading_a_state_without_data_keeps_the_attached_data_or_has_none():
     assert torch.equal(t.get_data("b", return_original=False), y * s.get_mask("b"))
 
 
+def test_a_state_without_data_keeps_data_only_of_the_same_squashed_status():
+    """Squashed data holds masked values, unsquashed data the originals: the attached data
+    of the other kind would be read as what it is not."""
+    s = _fitted()  # "c" squashed
+    x = torch.randn(3, 4)
+    t = DataNormSparsifier([("c", x)])
+    t.load_state_dict(s.state_dict(include_data=False))
+    assert t.is_squashed("c")
+    with pytest.raises(ValueError, match="no data attached to 'c'"):
+        t.get_data("c", return_original=False)  # not x unmasked, as if it were masked
+    assert torch.equal(t.get_mask("c"), s.get_mask("c"))
+    u = DataNormSparsifier([("c", x)])
+    u.squash_mask()  # squashed here too: kept
+    u.load_state_dict(s.state_dict(include_data=False))
+    assert u.get_data("c", return_original=False) is x
+    v = DataNormSparsifier([("a", torch.randn(4, 6))])
+    v.squash_mask()  # its data holds masked values, not the originals of unsquashed "a"
+    v.load_state_dict(s.state_dict(include_data=False))
+    with pytest.raises(ValueError, match="no data attached to 'a'"):
+        v.get_data("a")
+
+
 def test_strict_load_drops_other_names_and_non_strict_keeps_them():
     s = _fitted()
     t = DataNormSparsifier([("other", torch.randn(2, 4))])
