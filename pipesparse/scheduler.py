@@ -43,6 +43,18 @@ def _check_type(key: str, value: Any, expected: type) -> None:
         )
 
 
+def _unknown_key(sparsifier: BaseDataSparsifier, schedule_param: str) -> str | None:
+    """Why ``schedule_param`` cannot be scheduled on ``sparsifier`` (not one of its config
+    keys: the rule would ignore it and the schedule change nothing), or None."""
+    known = set(sparsifier.defaults).union(*sparsifier.data_groups.values())
+    if schedule_param in known:
+        return None
+    return (
+        f"schedule_param {schedule_param!r} is not a config key of {type(sparsifier).__name__}; "
+        f"its keys: {', '.join(sorted(known)) or 'none'}"
+    )
+
+
 class BaseDataScheduler:
     """Vary ``schedule_param`` of every data group of ``data_sparsifier`` step by step.
 
@@ -71,12 +83,9 @@ class BaseDataScheduler:
             raise TypeError(
                 f"schedule_param must be a config key (str), got {type(schedule_param).__name__}"
             )
-        known = set(data_sparsifier.defaults).union(*data_sparsifier.data_groups.values())
-        if schedule_param not in known:
-            raise ValueError(
-                f"schedule_param {schedule_param!r} is not a config key of "
-                f"{type(data_sparsifier).__name__}; its keys: {', '.join(sorted(known)) or 'none'}"
-            )
+        unknown = _unknown_key(data_sparsifier, schedule_param)
+        if unknown:
+            raise ValueError(unknown)
         self.data_sparsifier = data_sparsifier
         self.schedule_param = schedule_param
         self.base_param = {
@@ -177,6 +186,9 @@ class BaseDataScheduler:
                 f"scheduler state_dict has last_epoch={state_dict['last_epoch']} and "
                 f"_step_count={state_dict['_step_count']}; expected >= -1 and >= 0"
             )
+        unknown = _unknown_key(self.data_sparsifier, state_dict["schedule_param"])
+        if unknown:
+            raise CorruptStateError(f"scheduler state_dict: {unknown}")
 
     def __repr__(self) -> str:
         return (

@@ -236,6 +236,7 @@ def test_load_corrupt_state_raises(state):
         {"init_level": float("nan")},
         {"final_level": "0.5"},
         {"schedule_param": "sparse_block_shape"},  # a value the rule rejects
+        {"schedule_param": "threshold"},  # another rule's key: the ramp would stop silently
     ],
 )
 def test_load_state_with_wrong_values_raises_and_changes_nothing(change):
@@ -261,6 +262,22 @@ def test_unknown_schedule_param_raises():
         "sparsity_level": 0.5,
         "sparse_block_shape": (1, 4),
         "zeros_per_block": None,
+    }
+
+
+def test_load_of_a_state_for_another_config_key_raises_and_changes_nothing():
+    """What the constructor refuses, a load refuses too (a custom schedule has no ramp check)."""
+    sparsifier = _sparsifier()
+    scheduler = Halving(sparsifier, "sparsity_level")
+    before, groups = scheduler.state_dict(), sparsifier.state_dict()["data_groups"]
+    with pytest.raises(CorruptStateError, match="'threshold' is not a config key"):
+        scheduler.load_state_dict({**before, "schedule_param": "threshold"})
+    assert scheduler.state_dict() == before
+    sparsifier.step()
+    scheduler.step()
+    assert sparsifier.state_dict()["data_groups"] == {
+        name: {**config, "sparsity_level": config["sparsity_level"] * 0.5}
+        for name, config in groups.items()
     }
 
 
