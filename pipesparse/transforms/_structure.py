@@ -79,6 +79,10 @@ def select(batch: Any, keys: tuple[Any, ...] | None) -> list[tuple[Path, Any]]:
     entries = batch if not _is_dataclass(batch) else dict(_children(batch))
     selected = []
     for key in keys:
+        if isinstance(batch, (tuple, list)) and isinstance(key, int) and -len(batch) <= key < 0:
+            key += len(batch)  # the entry's own index: its path is where replace() puts it back
+        if any(path == (key,) for path, _ in selected):
+            raise ValueError(f"keys={list(keys)} selects entry {key!r} twice; name each entry once")
         try:
             entry = entries[key]
         except (KeyError, IndexError, TypeError):

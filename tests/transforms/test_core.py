@@ -325,6 +325,16 @@ def test_keys_select_entries():
     assert torch.equal(out[1], expected_batch(pair[1]))
 
 
+def test_a_negative_index_selects_from_the_end_and_an_entry_selected_twice_is_refused():
+    x = torch.randn(4, 8)
+    out = SparsifyTransform(norm(), keys=-1)((torch.arange(4), x))
+    assert torch.equal(out[1], expected_batch(x))
+    with pytest.raises(ValueError, match="selects entry 1 twice"):
+        SparsifyTransform(norm(), keys=[1, -1])([torch.arange(4), x])
+    with pytest.raises(ValueError, match="selects entry 'x' twice"):
+        SparsifyTransform(norm(), keys=["x", "x"])({"x": x})
+
+
 def test_keys_errors_name_the_key():
     with pytest.raises(KeyError, match=r"no entry 'z'.*\['x'\]"):
         SparsifyTransform(norm(), keys="z")({"x": torch.randn(2, 4)})
