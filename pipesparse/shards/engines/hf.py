@@ -1,10 +1,11 @@
 """The ``datasets`` engine: each shard becomes a ``datasets.Dataset`` and is mapped with
 ``num_proc=workers`` processes; the mapped rows are written by the caller, in order.
 
-Parquet shards are streamed into an Arrow file inside a scratch folder of the output folder
-(removed after the run) and memory-mapped from there, rather than read with
+Parquet shards and Arrow IPC *files* are streamed into an Arrow stream inside a scratch folder
+of the output folder (removed after the run) and memory-mapped from there, rather than read with
 ``Dataset.from_parquet``, which takes its argument as a glob pattern (``a[0].parquet`` would
-read ``a0.parquet``); ``save_to_disk`` shards are memory-mapped as they are. The map's own cache
+read ``a0.parquet``), or ``Dataset.from_file``, which reads only the stream format; Arrow streams
+(``save_to_disk`` shards) are memory-mapped as they are. The map's own cache
 files go to the scratch folder too, never next to the input.
 """
 
@@ -20,6 +21,12 @@ from pipesparse.shards.inputs import ARROW, Shard
 from pipesparse.shards.job import BatchProcessor, Job
 
 __all__ = ["HFEngine"]
+
+
+def _is_ipc_file(path: str) -> bool:
+    """Whether ``path`` is in the Arrow IPC file format (it opens with ``ARROW1``), not a stream."""
+    with open(path, "rb") as handle:
+        return handle.read(6) == b"ARROW1"
 
 
 class _MapFunction:
@@ -80,7 +87,7 @@ class HFEngine:
         key = hashlib.sha256(shard.name.encode()).hexdigest()[:16]
         cache = self.scratch / key
         cache.mkdir(parents=True, exist_ok=True)
-        if shard.kind == ARROW:
+        if shard.kind == ARROW and not _is_ipc_file(shard.path):
             dataset = datasets.Dataset.from_file(shard.path)
         else:
             dataset = datasets.Dataset.from_file(self._arrow_copy(shard, cache / "input.arrow"))

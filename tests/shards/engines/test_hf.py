@@ -82,3 +82,14 @@ def test_unreadable_data_is_one_line_naming_the_file(tmp_path, make_shards, dama
         )  # fmt: skip
     assert "\n" not in str(info.value)
     assert [p.name for p in (tmp_path / "out").glob("*.parquet")] == ["part-00.parquet"]
+
+
+def test_an_arrow_ipc_file_is_read_as_on_the_local_engine(tmp_path):
+    table = pa.table({"e": pa.array([[1.0, -2.0, 3.0, 0.5]] * 5, pa.list_(pa.float32()))})
+    with pa.ipc.new_file(tmp_path / "t.arrow", table.schema) as writer:  # not a stream
+        writer.write_table(table)
+    for engine in ("local", "hf"):
+        preprocess(
+            [str(tmp_path / "t.arrow")], tmp_path / engine, "e", "norm", engine=engine, quiet=True
+        )
+    assert _decoded(tmp_path / "hf") == _decoded(tmp_path / "local")
