@@ -174,6 +174,8 @@ class TrainingAwareDataSparsity(pl.Callback):
             self.data_scheduler.load_state_dict(self._restored["data_scheduler"])
             self.data_sparsifier_state_dict = self._restored["data_sparsifier"]
             self._restored = None
+        else:  # a fresh schedule: an earlier fit's masks and levels must not come back
+            self.data_sparsifier_state_dict = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.data_sparsifier_state_dict is not None:

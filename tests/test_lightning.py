@@ -298,3 +298,24 @@ def test_import_without_lightning_says_which_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "pipesparse.lightning")
     with pytest.raises(ImportError, match=r"pip install 'pipesparse\[lightning\]'"):
         importlib.import_module("pipesparse.lightning")
+
+
+def test_a_second_fit_with_the_same_callback_starts_the_schedule_afresh():
+    """A second ``fit`` rebuilds the scheduler from its first level; its first epoch must not
+    be masked at the level the first fit's scheduler had reached."""
+    levels = []
+
+    class Recording(TrainingAwareDataSparsity):
+        def on_train_epoch_end(self, trainer, pl_module):
+            levels.append(self.data_sparsifier.data_groups["0_weight"]["sparsity_level"])
+            super().on_train_epoch_end(trainer, pl_module)
+
+    callback = Recording(
+        DataNormSparsifier,
+        SPARSIFIER_ARGS,
+        LinearSparsityScheduler,
+        {"init_level": 0.0, "final_level": 0.75, "total_steps": 3},
+    )
+    _trainer(max_epochs=2, callbacks=[callback]).fit(Tiny(), _loader())
+    _trainer(max_epochs=2, callbacks=[callback]).fit(Tiny(), _loader())
+    assert levels == [0.0, 0.25, 0.0, 0.25]
