@@ -43,8 +43,9 @@ def quantize_zero_exact(weight: torch.Tensor) -> torch.Tensor:
 class QuantizedEmbeddingBag(nnq.EmbeddingBag):
     """A quantized EmbeddingBag that reduces as ``nn.EmbeddingBag`` does where torch.ao's
     conversion does not: the quantized kernel only sums, so ``mode="mean"`` is divided by each
-    bag's size here (an empty bag gives zeros), and entries at ``padding_idx`` are left out of
-    the sum and of the size (the kernel would add them in)."""
+    bag's size here (an empty bag gives zeros), entries at ``padding_idx`` are left out of
+    the sum and of the size (the kernel would add them in), and 2-D indices give one bag per
+    row also with ``include_last_offset`` (the kernel would drop the last row's bag)."""
 
     def __init__(self, *args: Any, padding_idx: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -144,7 +145,9 @@ def _quantized_module(module: nn.Module, qweight: torch.Tensor) -> nn.Module:
     if type(module) is nn.Embedding:
         qmodule = nnq.Embedding(module.num_embeddings, module.embedding_dim, dtype=torch.quint8)
     else:
-        plain = module.mode == "sum" and module.padding_idx is None
+        plain = (
+            module.mode == "sum" and module.padding_idx is None and not module.include_last_offset
+        )
         extra = {} if plain else {"padding_idx": module.padding_idx}
         qmodule = (nnq.EmbeddingBag if plain else QuantizedEmbeddingBag)(
             module.num_embeddings,

@@ -224,6 +224,21 @@ def test_padding_entries_are_left_out_of_bags(mode, include_last_offset):
         )
 
 
+def test_sum_bags_with_a_last_offset_keep_every_row_of_2d_indices():
+    """torch.ao's quantized bag gives rows - 1 bags for 2-D indices when include_last_offset
+    is set (the last row is dropped); nn.EmbeddingBag gives one bag per row."""
+    bags = nn.Sequential(nn.EmbeddingBag(10, 4, mode="sum", include_last_offset=True))
+    expected = copy.deepcopy(bags)
+    post_training_sparse_quantize(bags, DataNormSparsifier, sparsity_level=0.0)
+    two_d = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    step = bags[0].weight().q_per_channel_scales().max().item()
+    torch.testing.assert_close(bags[0](two_d), expected[0](two_d), atol=2 * step, rtol=0)
+    indices, offsets = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 2, 2, 5])
+    torch.testing.assert_close(
+        bags[0](indices, offsets), expected[0](indices, offsets), atol=3 * step, rtol=0
+    )
+
+
 def test_max_bags_are_refused_before_anything_changes():
     model = nn.Sequential(nn.Embedding(5, 4), nn.EmbeddingBag(5, 4, mode="max"))
     with pytest.raises(ValueError, match="'1' has mode='max'"):
