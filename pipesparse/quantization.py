@@ -62,8 +62,7 @@ class QuantizedEmbeddingBag(nnq.EmbeddingBag):
             raise ValueError("per_sample_weights needs an EmbeddingBag with mode='sum'")
         if indices.dim() == 2:  # one bag per row, as in nn.EmbeddingBag
             rows, width = indices.shape
-            offsets = torch.arange(0, rows * width + 1, max(width, 1), device=indices.device)
-            offsets = offsets[: rows + self.include_last_offset]
+            offsets = torch.arange(rows + self.include_last_offset, device=indices.device) * width
             indices = indices.reshape(-1)
             if per_sample_weights is not None:
                 per_sample_weights = per_sample_weights.reshape(-1)

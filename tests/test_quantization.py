@@ -239,6 +239,17 @@ def test_sum_bags_with_a_last_offset_keep_every_row_of_2d_indices():
     )
 
 
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_2d_indices_of_empty_rows_give_one_empty_bag_per_row(include_last_offset):
+    bags = nn.Sequential(
+        nn.EmbeddingBag(10, 4, mode="mean", include_last_offset=include_last_offset),
+        nn.EmbeddingBag(10, 4, padding_idx=0, include_last_offset=include_last_offset),
+    )
+    post_training_sparse_quantize(bags, DataNormSparsifier, sparsity_level=0.0)
+    for bag in bags:
+        assert torch.equal(bag(torch.zeros(3, 0, dtype=torch.int64)), torch.zeros(3, 4))
+
+
 def test_max_bags_are_refused_before_anything_changes():
     model = nn.Sequential(nn.Embedding(5, 4), nn.EmbeddingBag(5, 4, mode="max"))
     with pytest.raises(ValueError, match="'1' has mode='max'"):
