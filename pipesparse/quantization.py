@@ -175,7 +175,8 @@ def post_training_sparse_quantize(
 
     Every ``nn.Embedding``/``nn.EmbeddingBag`` submodule (nested ones too), or only those in
     ``select_embeddings``, is replaced by its ``torch.ao.nn.quantized`` counterpart, as
-    torch.ao's function does; other modules are untouched. Pruned entries dequantize to exactly
+    torch.ao's function does; other modules are untouched (but see ``sparsify_first`` for
+    tied weights). Pruned entries dequantize to exactly
     0.0, in both orders.
 
     Args:
@@ -183,7 +184,8 @@ def post_training_sparse_quantize(
         data_sparsifier_class: a :class:`~pipesparse.BaseDataSparsifier` subclass, built with
             ``**sparse_config``.
         sparsify_first: True: prune the float weights (which are left pruned in the original
-            modules, as in the reference), then quantize. False: quantize, prune the dequantized
+            modules, as in the reference, and so in any module whose weight is tied to one of
+            them), then quantize. False: quantize, prune the dequantized
             weights (the values the quantized model sees), requantize with the same parameters.
         select_embeddings: the embedding modules to convert; None: all of them.
         **sparse_config: arguments of ``data_sparsifier_class``.

@@ -250,6 +250,31 @@ def test_2d_indices_of_empty_rows_give_one_empty_bag_per_row(include_last_offset
         assert torch.equal(bag(torch.zeros(3, 0, dtype=torch.int64)), torch.zeros(3, 4))
 
 
+@pytest.mark.parametrize("sparsify_first", [True, False])
+def test_a_weight_tied_to_an_embedding_is_pruned_only_when_sparsifying_first(sparsify_first):
+    """As the README says: sparsify_first=True prunes the float weight in place, so a layer
+    tied to it (a language model's output layer) is pruned too; False leaves it alone."""
+    model = nn.Module()
+    model.emb = nn.Embedding(20, 8)
+    model.head = nn.Linear(8, 20, bias=False)
+    model.head.weight = model.emb.weight
+    before = model.head.weight.detach().clone()
+    post_training_sparse_quantize(
+        model, DataNormSparsifier, sparsify_first, sparsity_level=0.5, sparse_block_shape=(1, 4)
+    )
+    assert type(model.emb) is nnq.Embedding and type(model.head) is nn.Linear
+    if sparsify_first:
+        assert (model.head.weight == 0).float().mean() == 0.5
+    else:
+        assert torch.equal(model.head.weight, before)
+    untied = nn.Module()  # the README's way to keep it dense in both orders
+    untied.emb = nn.Embedding(20, 8)
+    untied.head = nn.Linear(8, 20, bias=False)
+    untied.head.weight = nn.Parameter(untied.emb.weight.detach().clone())
+    post_training_sparse_quantize(untied, DataNormSparsifier, sparsify_first, sparsity_level=0.5)
+    assert (untied.head.weight != 0).all()
+
+
 def test_max_bags_are_refused_before_anything_changes():
     model = nn.Sequential(nn.Embedding(5, 4), nn.EmbeddingBag(5, 4, mode="max"))
     with pytest.raises(ValueError, match="'1' has mode='max'"):
