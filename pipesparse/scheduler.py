@@ -5,7 +5,8 @@ schedulers): the constructor makes the initial step at ``last_epoch=0``, each ``
 advances ``last_epoch`` and writes :meth:`get_schedule_param`'s values into the sparsifier's
 ``data_groups``, which the next ``data_sparsifier.step()`` uses. Unlike the reference it does
 not monkeypatch ``data_sparsifier.step`` (the sparsifier counts its own steps), and it checks
-the new values with the sparsifier's own config validation before changing anything.
+the new values with the sparsifier's own validation (of the config, and of the data it will
+mask) before changing anything.
 """
 
 from __future__ import annotations
@@ -135,13 +136,19 @@ class BaseDataScheduler:
         self._step_count += 1
 
     def _apply(self, params: Mapping[str, Any]) -> None:
-        """Validate every new config, then write them all (bad values change nothing)."""
-        groups = self.data_sparsifier.data_groups
+        """Validate every new config, and the data it will mask (as the sparsifier's next
+        step will), then write them all (bad values change nothing)."""
+        sparsifier = self.data_sparsifier
+        groups = sparsifier.data_groups
         for name, value in params.items():
             if name not in groups:
                 raise UnknownDataError(name, list(groups))
+            config = {**groups[name], self.schedule_param: value}
+            data = sparsifier._data.get(name)
             try:
-                self.data_sparsifier._validate_config({**groups[name], self.schedule_param: value})
+                sparsifier._validate_config(config)
+                if data is not None and not sparsifier.is_squashed(name):
+                    sparsifier._validate_data(name, data, config)
             except (TypeError, ValueError) as err:
                 raise ValueError(
                     f"{type(self).__name__} set {self.schedule_param}={value!r} for {name!r}: {err}"

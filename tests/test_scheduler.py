@@ -162,6 +162,27 @@ def test_bad_scheduled_value_changes_nothing():
     assert (scheduler.last_epoch, scheduler._step_count) == (0, 1)
 
 
+def test_scheduled_value_the_data_cannot_take_changes_nothing():
+    """A value the config check accepts but the name's data does not (m=16 for 8 features)
+    is refused by the scheduler step, not left for every later sparsifier.step() to refuse."""
+
+    class Widening(BaseDataScheduler):
+        def get_schedule_param(self):
+            return dict.fromkeys(self.data_sparsifier.data_groups, 4 * 2**self.last_epoch)
+
+    sparsifier = NMSparsifier(n=2, m=4)
+    sparsifier.add_data("x", torch.randn(4, 8))
+    scheduler = Widening(sparsifier, "m")
+    sparsifier.step()
+    scheduler.step()  # m=8 fits 8 features
+    assert sparsifier.data_groups["x"]["m"] == 8
+    with pytest.raises(ValueError, match="m=16 for 'x'"):
+        scheduler.step()
+    assert sparsifier.data_groups["x"]["m"] == 8
+    assert (scheduler.last_epoch, scheduler._step_count) == (1, 2)
+    sparsifier.step()  # still usable
+
+
 def test_unknown_name_from_schedule():
     class Unknown(BaseDataScheduler):
         def get_schedule_param(self):
