@@ -28,6 +28,7 @@ def quantize_zero_exact(weight: torch.Tensor) -> torch.Tensor:
     """Per-row quint8 quantization (the scheme quantized embeddings need) that stores 0.0 exactly.
 
     The range of each row is widened to include 0; the error of any entry is at most half a step.
+    The step is at least the smallest normal float32 (~1.2e-38): smaller values round to 0.
     """
     w = weight.detach().float()
     low = w.amin(dim=1).clamp(max=0)
@@ -36,6 +37,8 @@ def quantize_zero_exact(weight: torch.Tensor) -> torch.Tensor:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row
     mantissa, exponent = torch.frexp(scale)
     scale = torch.ldexp(torch.ceil(mantissa * 2**16) / 2**16, exponent)
+    # a subnormal scale has an inverse that overflows float32 in the quantize kernels
+    scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
     zero_point = torch.round(-low / scale).clamp(0, _QMAX)
     return torch.quantize_per_channel(w, scale.double(), zero_point, axis=0, dtype=torch.quint8)
 

@@ -175,6 +175,19 @@ def test_zero_exact_quantization_bounds():
     )
 
 
+def test_zero_exact_quantization_of_rows_of_tiny_values():
+    """A row whose largest magnitude is ~1e-37 had a subnormal scale whose inverse overflows
+    float32: every entry came back as the row's minimum (zeros lost, signs flipped)."""
+    weight = torch.tensor([[1e-37, -5e-38, 0.0, 3e-38], [1e-38, 0.0, -1e-38, 0.0], [1.0, 0, -1, 0]])
+    qweight = quantize_zero_exact(weight)
+    scales = qweight.q_per_channel_scales().float()
+    assert (qweight.dequantize()[weight == 0] == 0).all()
+    assert ((qweight.dequantize() - weight).abs() <= scales[:, None] / 2).all()
+    module = nnq.Embedding(3, 4)
+    module.set_weight(qweight)
+    assert (module(torch.arange(3))[weight == 0] == 0).all()
+
+
 @pytest.mark.parametrize("include_last_offset", [False, True])
 def test_mean_bags_average_where_the_reference_sums(include_last_offset):
     bags = nn.Sequential(
