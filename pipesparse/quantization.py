@@ -48,7 +48,8 @@ class QuantizedEmbeddingBag(nnq.EmbeddingBag):
     conversion does not: the quantized kernel only sums, so ``mode="mean"`` is divided by each
     bag's size here (an empty bag gives zeros), entries at ``padding_idx`` are left out of
     the sum and of the size (the kernel would add them in), and 2-D indices give one bag per
-    row also with ``include_last_offset`` (the kernel would drop the last row's bag)."""
+    row also with ``include_last_offset`` (the kernel would drop the last row's bag).
+    Like torch.ao's quantized bags it compiles with ``torch.jit.script``."""
 
     def __init__(self, *args: Any, padding_idx: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -61,34 +62,60 @@ class QuantizedEmbeddingBag(nnq.EmbeddingBag):
         per_sample_weights: torch.Tensor | None = None,
         compressed_indices_mapping: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # written for torch.jit.script, as torch.ao's quantized bags are: no super(), no
+        # Optional attribute read twice, no int + bool
         if per_sample_weights is not None and self.mode != "sum":
             raise ValueError("per_sample_weights needs an EmbeddingBag with mode='sum'")
+        last = 1 if self.include_last_offset else 0
         if indices.dim() == 2:  # one bag per row, as in nn.EmbeddingBag
-            rows, width = indices.shape
-            offsets = torch.arange(rows + self.include_last_offset, device=indices.device) * width
+            rows, width = indices.shape[0], indices.shape[1]
+            offsets = torch.arange(rows + last, device=indices.device) * width
             indices = indices.reshape(-1)
             if per_sample_weights is not None:
                 per_sample_weights = per_sample_weights.reshape(-1)
         if offsets is None:
             raise ValueError("1-D indices need offsets (the start of each bag)")
-        kept = None if self.padding_idx is None else indices != self.padding_idx
-        if kept is not None:  # a weight of 0 leaves an entry out, 1 keeps it as it is
-            ones = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
-            per_sample_weights = (ones if per_sample_weights is None else per_sample_weights) * kept
-        out = super().forward(indices, offsets, per_sample_weights, compressed_indices_mapping)
+        padding_idx = self.padding_idx
+        kept = torch.ones(indices.shape, dtype=torch.bool, device=indices.device)
+        if padding_idx is not None:  # a weight of 0 leaves an entry out, 1 keeps it as it is
+            kept = indices != padding_idx
+            weights = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
+            if per_sample_weights is not None:
+                weights = per_sample_weights
+            per_sample_weights = weights * kept
+        if self.dtype == torch.quint4x2:
+            out = torch.ops.quantized.embedding_bag_4bit(
+                self._packed_params._packed_weight,
+                indices,
+                offsets,
+                False,
+                0,
+                self.pruned_weights,
+                per_sample_weights,
+                compressed_indices_mapping,
+                self.include_last_offset,
+            )
+        else:
+            out = torch.ops.quantized.embedding_bag_byte(
+                self._packed_params._packed_weight,
+                indices,
+                offsets,
+                False,
+                0,
+                self.pruned_weights,
+                per_sample_weights,
+                compressed_indices_mapping,
+                self.include_last_offset,
+            )
         if self.mode != "mean":
             return out
-        starts = offsets[:-1] if self.include_last_offset else offsets
-        ends = (
-            offsets[1:]
-            if self.include_last_offset
-            else torch.cat([offsets[1:], offsets.new_tensor([indices.numel()])])
-        )
-        if kept is None:
-            sizes = ends - starts
-        else:  # kept entries before each offset, by a running count
-            counted = torch.cat([kept.new_zeros(1, dtype=torch.int64), kept.cumsum(0)])
-            sizes = counted[ends] - counted[starts]
+        starts = offsets[: offsets.numel() - last]
+        end = torch.full((1,), indices.numel(), dtype=offsets.dtype, device=offsets.device)
+        ends = offsets[1:] if last == 1 else torch.cat([offsets[1:], end])
+        # kept entries before each offset, by a running count
+        zero = torch.zeros(1, dtype=torch.int64, device=kept.device)
+        counted = torch.cat([zero, kept.to(torch.int64).cumsum(0)])
+        sizes = counted[ends] - counted[starts]
         return out / sizes.clamp(min=1).unsqueeze(1).to(out.dtype)
 
 

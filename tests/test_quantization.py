@@ -288,6 +288,31 @@ def test_a_weight_tied_to_an_embedding_is_pruned_only_when_sparsifying_first(spa
     assert (untied.head.weight != 0).all()
 
 
+def test_converted_bags_can_be_scripted_as_the_reference_bags_can():
+    """A default (mean) bag becomes a QuantizedEmbeddingBag; torch.jit.script, the usual way to
+    deploy quantized embeddings, must take it as it takes torch.ao's quantized bag."""
+    model = nn.Sequential(
+        nn.EmbeddingBag(10, 4),
+        nn.EmbeddingBag(10, 4, mode="sum", padding_idx=0),
+        nn.EmbeddingBag(10, 4, mode="mean", padding_idx=1, include_last_offset=True),
+        nn.EmbeddingBag(10, 4, mode="sum"),
+    )
+    post_training_sparse_quantize(model, DataNormSparsifier, sparsity_level=0.5)
+    two_d = torch.tensor([[0, 1, 2], [3, 1, 1]])
+    indices, offsets = torch.tensor([0, 1, 2, 3, 1, 1]), torch.tensor([0, 2, 2, 6])
+    for bag in model:
+        scripted = torch.jit.script(bag)
+        assert torch.equal(scripted(two_d), bag(two_d))
+        cut = offsets if bag.include_last_offset else offsets[:-1]
+        assert torch.equal(scripted(indices, cut), bag(indices, cut))
+    weights = torch.rand(6)
+    scripted = torch.jit.script(model[1])
+    assert torch.equal(
+        scripted(indices, offsets[:-1], per_sample_weights=weights),
+        model[1](indices, offsets[:-1], per_sample_weights=weights),
+    )
+
+
 def test_max_bags_are_refused_before_anything_changes():
     model = nn.Sequential(nn.Embedding(5, 4), nn.EmbeddingBag(5, 4, mode="max"))
     with pytest.raises(ValueError, match="'1' has mode='max'"):
