@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from pipesparse.base import BaseDataSparsifier
+from pipesparse.base import BaseDataSparsifier, _plain
 from pipesparse.errors import CorruptStateError, UnknownDataError
 
 __all__ = ["BaseDataScheduler", "CubicSparsityScheduler", "LinearSparsityScheduler"]
@@ -140,6 +140,8 @@ class BaseDataScheduler:
         step will), then write them all (bad values change nothing)."""
         sparsifier = self.data_sparsifier
         groups = sparsifier.data_groups
+        # numpy scalars as Python numbers, as add_data stores configs: states stay plain
+        params = {name: _plain(value) for name, value in params.items()}
         for name, value in params.items():
             if name not in groups:
                 raise UnknownDataError(name, list(groups))
@@ -164,8 +166,15 @@ class BaseDataScheduler:
 
     def state_dict(self) -> dict[str, Any]:
         """Every attribute but the sparsifier (save the sparsifier's own state separately);
-        plain Python values, loadable with ``torch.load(..., weights_only=True)``."""
-        return {key: value for key, value in self.__dict__.items() if key not in _NOT_STATE}
+        plain Python values, loadable with ``torch.load(..., weights_only=True)`` (numpy
+        numbers a user's schedule or edit put there are saved as Python numbers)."""
+        return {
+            key: {k: _plain(v) for k, v in value.items()}
+            if isinstance(value, dict)
+            else _plain(value)
+            for key, value in self.__dict__.items()
+            if key not in _NOT_STATE
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (restore the sparsifier first)."""

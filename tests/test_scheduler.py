@@ -212,6 +212,31 @@ def test_state_dict_round_trip_like_the_reference():
     assert scheduler2.last_epoch == scheduler1.last_epoch
 
 
+def test_numpy_scheduled_values_keep_the_state_weights_only_loadable():
+    """A schedule computed with numpy (np.cos) returns numpy scalars; the state must still
+    load with weights_only=True (as Lightning checkpoints are loaded) and hold plain floats."""
+    np = pytest.importorskip("numpy")
+
+    class Cosine(BaseDataScheduler):
+        def get_schedule_param(self):
+            level = 0.5 * (1 - np.cos(np.pi * min(self.last_epoch, 4) / 4))
+            return dict.fromkeys(self.data_sparsifier.data_groups, level)
+
+    sparsifier = _sparsifier()
+    sparsifier.data_groups["tensor2"]["sparsity_level"] = np.float64(0.3)  # a user's edit
+    scheduler = Cosine(sparsifier, "sparsity_level")
+    sparsifier.step()
+    scheduler.step()
+    assert type(sparsifier.data_groups["tensor1"]["sparsity_level"]) is float
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["_last_param"] == scheduler.get_last_param()
+    assert state["base_param"]["tensor2"] == 0.3
+    Cosine(_sparsifier(), "sparsity_level").load_state_dict(state)
+
+
 def test_resumed_ramp_continues_the_same_sequence():
     def run(steps, resume_at=None):
         sparsifier = DataNormSparsifier([("x", torch.randn(4, 8))])
