@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -231,15 +232,19 @@ class _RampScheduler(BaseDataScheduler):
         for key, level in (("init_level", init_level), ("final_level", final_level)):
             if (
                 isinstance(level, bool)
-                or not isinstance(level, (int, float))
+                or not isinstance(level, numbers.Real)
                 or not math.isfinite(level)
             ):
                 raise ValueError(f"{key} must be a finite number, got {level!r}")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        if (
+            isinstance(total_steps, bool)
+            or not isinstance(total_steps, numbers.Integral)
+            or total_steps < 1
+        ):
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         self.init_level = float(init_level)
         self.final_level = float(final_level)
-        self.total_steps = total_steps
+        self.total_steps = int(total_steps)  # numpy ints too, as Python ints (plain state)
         super().__init__(data_sparsifier, schedule_param, last_epoch, verbose)
 
     def _shape(self, progress: float) -> float:

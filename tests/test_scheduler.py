@@ -388,6 +388,21 @@ def test_ramp_bad_arguments(kwargs):
         LinearSparsityScheduler(sparsifier, **kwargs)
 
 
+def test_ramp_takes_numpy_numbers():
+    """np.float32 levels and an np.int64 step count (len() of an array, np.ceil(...).astype)
+    are numbers; they were refused as "must be a finite number" / "a positive int"."""
+    np = pytest.importorskip("numpy")
+    sparsifier = DataNormSparsifier([("x", torch.randn(4, 8))])
+    scheduler = LinearSparsityScheduler(
+        sparsifier, np.float32(0.25), np.float32(0.75), total_steps=np.int64(2)
+    )
+    assert (scheduler.init_level, scheduler.final_level, scheduler.total_steps) == (0.25, 0.75, 2)
+    assert type(scheduler.total_steps) is int and type(scheduler.final_level) is float
+    sparsifier.step()
+    scheduler.step()
+    assert sparsifier.data_groups["x"]["sparsity_level"] == 0.5
+
+
 def test_ramp_drives_mask_sparsity():
     """The scheduled level reaches the masks: measured sparsity follows the ramp."""
     data = torch.randn(8, 64)
