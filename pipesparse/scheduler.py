@@ -88,12 +88,21 @@ class BaseDataScheduler:
         unknown = _unknown_key(data_sparsifier, schedule_param)
         if unknown:
             raise ValueError(unknown)
+        if (
+            isinstance(last_epoch, bool)
+            or not isinstance(last_epoch, numbers.Integral)
+            or last_epoch < -1
+        ):
+            # as load_state_dict requires: a state this scheduler saves must load back
+            raise ValueError(
+                f"last_epoch must be an int >= -1 (-1: start from scratch), got {last_epoch!r}"
+            )
         self.data_sparsifier = data_sparsifier
         self.schedule_param = schedule_param
         self.base_param = {
             name: config.get(schedule_param) for name, config in data_sparsifier.data_groups.items()
         }
-        self.last_epoch = last_epoch
+        self.last_epoch = int(last_epoch)
         self.verbose = verbose
         self._step_count = 0
         self._last_param: dict[str, Any] = {}

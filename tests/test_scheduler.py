@@ -403,6 +403,26 @@ def test_ramp_takes_numpy_numbers():
     assert sparsifier.data_groups["x"]["sparsity_level"] == 0.5
 
 
+@pytest.mark.parametrize("last_epoch", [2.5, -5, "3", None, True])
+def test_bad_last_epoch_is_refused_before_anything_changes(last_epoch):
+    """2.5 and -5 were taken and gave a state_dict that load_state_dict refuses (a Lightning
+    run could not resume); "3" and None raised an operator TypeError from inside step()."""
+    sparsifier = DataNormSparsifier([("x", torch.randn(4, 8))], sparsity_level=0.1)
+    with pytest.raises(ValueError, match="last_epoch"):
+        LinearSparsityScheduler(sparsifier, 0.0, 0.5, total_steps=4, last_epoch=last_epoch)
+    with pytest.raises(ValueError, match="last_epoch"):
+        Halving(sparsifier, "sparsity_level", last_epoch=last_epoch)
+    assert sparsifier.data_groups["x"]["sparsity_level"] == 0.1
+
+
+def test_a_resumed_scheduler_state_loads_back():
+    sparsifier = DataNormSparsifier([("x", torch.randn(4, 8))])
+    scheduler = LinearSparsityScheduler(sparsifier, 0.0, 0.5, total_steps=4, last_epoch=2)
+    LinearSparsityScheduler(sparsifier, 0.0, 0.5, total_steps=4).load_state_dict(
+        scheduler.state_dict()
+    )
+
+
 def test_ramp_drives_mask_sparsity():
     """The scheduled level reaches the masks: measured sparsity follows the ramp."""
     data = torch.randn(8, 64)
