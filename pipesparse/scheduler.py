@@ -103,7 +103,7 @@ class BaseDataScheduler:
             name: config.get(schedule_param) for name, config in data_sparsifier.data_groups.items()
         }
         self.last_epoch = int(last_epoch)
-        self.verbose = verbose
+        self.verbose = bool(verbose)  # load_state_dict takes a bool: verbose=1 must load back
         self._step_count = 0
         self._last_param: dict[str, Any] = {}
         self._get_sp_called_within_step = False

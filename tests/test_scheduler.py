@@ -423,6 +423,15 @@ def test_a_resumed_scheduler_state_loads_back():
     )
 
 
+def test_a_state_saved_with_verbose_1_loads_back(capsys):
+    sparsifier = DataNormSparsifier([("x", torch.randn(4, 8))])
+    scheduler = LinearSparsityScheduler(sparsifier, 0.0, 0.5, total_steps=4, verbose=1)
+    assert "Adjusting sparsity_level" in capsys.readouterr().out
+    resumed = LinearSparsityScheduler(sparsifier, 0.0, 0.5, total_steps=4)
+    resumed.load_state_dict(scheduler.state_dict())
+    assert resumed.verbose is True
+
+
 def test_ramp_drives_mask_sparsity():
     """The scheduled level reaches the masks: measured sparsity follows the ramp."""
     data = torch.randn(8, 64)
