@@ -19,6 +19,7 @@ from torch import nn
 
 try:
     import lightning.pytorch as pl
+    from lightning.pytorch.trainer.states import TrainerFn
 except ImportError as err:  # pragma: no cover - exercised by hiding the module in a test
     raise ImportError(
         "pipesparse.lightning needs Lightning; install the extra: pip install 'pipesparse[lightning]'"
@@ -191,6 +192,14 @@ class TrainingAwareDataSparsity(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.data_sparsifier.squash_mask()
+
+    def _forget_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A checkpoint loaded to validate, test or predict (Lightning hands its callback state
+        over then too) is not one a later ``fit`` without a checkpoint resumes from."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._restored = None
+
+    on_validation_start = on_test_start = on_predict_start = _forget_restored
 
     def state_dict(self) -> dict[str, Any]:
         """Masks, configs and schedule position, saved in Lightning checkpoints."""

@@ -319,3 +319,35 @@ def test_a_second_fit_with_the_same_callback_starts_the_schedule_afresh():
     _trainer(max_epochs=2, callbacks=[callback]).fit(Tiny(), _loader())
     _trainer(max_epochs=2, callbacks=[callback]).fit(Tiny(), _loader())
     assert levels == [0.0, 0.25, 0.0, 0.25]
+
+
+def test_a_checkpoint_loaded_to_validate_does_not_resume_a_later_fit(tmp_path):
+    """validate(ckpt_path=...) hands the callback the checkpoint's state too; a later fit
+    without a checkpoint must start the schedule afresh, not from that state."""
+    levels = []
+
+    class Recording(TrainingAwareDataSparsity):
+        def on_train_epoch_end(self, trainer, pl_module):
+            levels.append(self.data_sparsifier.data_groups["0_weight"]["sparsity_level"])
+            super().on_train_epoch_end(trainer, pl_module)
+
+    class Validated(Tiny):
+        def validation_step(self, batch, batch_idx):
+            return None
+
+    def callback():
+        return Recording(
+            DataNormSparsifier,
+            SPARSIFIER_ARGS,
+            LinearSparsityScheduler,
+            {"init_level": 0.0, "final_level": 0.75, "total_steps": 3},
+        )
+
+    trainer = _trainer(max_epochs=3, callbacks=[callback()])
+    trainer.fit(Validated(), _loader())
+    trainer.save_checkpoint(tmp_path / "done.ckpt")
+    fresh = callback()
+    _trainer(callbacks=[fresh]).validate(Validated(), _loader(), ckpt_path=tmp_path / "done.ckpt")
+    levels.clear()
+    _trainer(max_epochs=2, callbacks=[fresh]).fit(Validated(), _loader())
+    assert levels == [0.0, 0.25]
