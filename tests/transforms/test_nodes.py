@@ -107,3 +107,18 @@ def test_stateful_dataloader_resume_keeps_the_mask(num_workers, update):
     fresh_tf.load_state_dict(state["transform"])
     fresh_dl.load_state_dict(state["loader"])
     assert_same(plain(head) + plain(fresh_dl), straight)
+
+
+def test_a_reset_that_fails_on_the_source_state_leaves_the_masks_as_they_were():
+    tf = transform("frozen")
+    tf.fit(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))
+    mask, seen = tf.sparsifier.get_mask("batch").clone(), tf.state_dict()["batches_seen"]
+    other = transform("frozen")
+    other.fit(-torch.flip(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)), [1]))
+    other(torch.randn(4, 8))
+    assert not torch.equal(other.sparsifier.get_mask("batch"), mask)  # two different masks
+    node = pipeline(tf)
+    with pytest.raises(KeyError):  # torchdata's own error for a source state it cannot read
+        node.reset({"source": {"no": "such state"}, "transform": other.state_dict()})
+    assert torch.equal(tf.sparsifier.get_mask("batch"), mask)
+    assert tf.state_dict()["batches_seen"] == seen
