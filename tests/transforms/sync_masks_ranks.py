@@ -2,8 +2,9 @@
 
 Usage: python sync_masks_ranks.py PORT OUT_DIR [SCENARIO]. Each rank writes OUT_DIR/rank{r}.pt.
 SCENARIO "sync" (default): masked batches before and after; "unfitted_src" (rank 0 has no
-mask) and "mismatch" (the ranks' transforms differ in mask_over): each rank's error message
-and whether its mask stayed as it was.
+mask), "mismatch" (the ranks' transforms differ in mask_over) and "inherited" (every rank got
+the transform from the launching process through mp.spawn, so it may not rewrite its masks):
+each rank's error message and whether its mask stayed as it was.
 """
 
 import datetime
@@ -17,13 +18,15 @@ from pipesparse import DataNormSparsifier
 from pipesparse.transforms import SparsifyTransform, sync_masks
 
 
-def failing(rank: int, scenario: str, out_dir: str) -> None:
-    if scenario == "mismatch":
+def failing(rank: int, scenario: str, out_dir: str, inherited=None) -> None:
+    if scenario == "inherited":
+        transform = inherited
+    elif scenario == "mismatch":
         mask_over = "features" if rank == 0 else "batch"
         transform = SparsifyTransform(DataNormSparsifier(), update="frozen", mask_over=mask_over)
     else:
         transform = SparsifyTransform(DataNormSparsifier(), update="frozen")
-    if rank == 1 or scenario == "mismatch":
+    if scenario != "inherited" and (rank == 1 or scenario == "mismatch"):
         transform.fit(torch.randn(4, 16, generator=torch.Generator().manual_seed(rank)))
     before = transform.state_dict()
     try:
@@ -41,7 +44,7 @@ def failing(rank: int, scenario: str, out_dir: str) -> None:
     torch.save({"error": error, "kept": kept}, f"{out_dir}/rank{rank}.pt")
 
 
-def run(rank: int, port: int, out_dir: str, scenario: str = "sync") -> None:
+def run(rank: int, port: int, out_dir: str, scenario: str = "sync", inherited=None) -> None:
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -51,7 +54,7 @@ def run(rank: int, port: int, out_dir: str, scenario: str = "sync") -> None:
     )
     try:
         if scenario != "sync":
-            failing(rank, scenario, out_dir)
+            failing(rank, scenario, out_dir, inherited)
             return
         transform = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), update=3)
         calibration = torch.randn(32, 16, generator=torch.Generator().manual_seed(100 + rank))
@@ -71,4 +74,9 @@ def run(rank: int, port: int, out_dir: str, scenario: str = "sync") -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(int(sys.argv[1]), *sys.argv[2:4]), nprocs=2, join=True)
+    args = [int(sys.argv[1]), *sys.argv[2:4]]
+    if args[2:] == ["inherited"]:
+        launched = SparsifyTransform(DataNormSparsifier(), update="frozen")
+        launched.fit(torch.randn(4, 16, generator=torch.Generator().manual_seed(3)))
+        args.append(launched)
+    mp.spawn(run, args=tuple(args), nprocs=2, join=True)

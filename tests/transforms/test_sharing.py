@@ -42,6 +42,7 @@ def test_ranks_emit_identical_masked_batches_after_sync(tmp_path):
     [
         ("unfitted_src", r"rank 0 \(src\) has no masks to send"),
         ("mismatch", "rank 1 cannot load rank 0's masks: .*mask_over"),
+        ("inherited", r"rank 1 cannot load .*worker process .*pid \d+"),
     ],
 )
 def test_a_sync_that_cannot_be_done_raises_on_every_rank_and_changes_none(
