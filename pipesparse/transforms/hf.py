@@ -58,6 +58,7 @@ def hf_map_fn(transform: SparsifyTransform, columns: str | list[str]) -> Sparsif
     snapshot = transform._without_batches()  # only what a map over any batches depends on
     if snapshot.keys is None:  # named columns are sparsified whatever their dtype
         snapshot.keys = tuple(names)
+    snapshot.numpy_to_torch = False  # each column goes back in the form it came in
     return SparsifyMapFn(snapshot, tuple(names))
 
 

@@ -176,3 +176,14 @@ def test_errors_name_what_is_wrong():
         fn({"x": [[1.0, 2.0], [3.0]]})
     with pytest.raises(TypeError, match="batched=True"):
         fn([1.0, 2.0])
+
+
+@pytest.mark.parametrize("fmt", [None, "numpy", "torch", "arrow"])
+def test_a_numpy_to_torch_transform_gives_the_column_back_as_it_came(fmt):
+    ds = dataset(Array2D((2, FEATURES // 2), "float32"))
+    source = ds.with_format(fmt) if fmt else ds
+    tf = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), numpy_to_torch=True)
+    out = source.map(hf_map_fn(tf, "x"), batched=True, batch_size=BATCH)
+    assert out.features == ds.features
+    plain = source.map(hf_map_fn(transform(), "x"), batched=True, batch_size=BATCH)
+    np.testing.assert_array_equal(column(out), column(plain))
