@@ -34,7 +34,8 @@ def hf_map_fn(transform: SparsifyTransform, columns: str | list[str]) -> Sparsif
         transform: an ``"every_batch"`` transform (a mask per batch, from the batch alone) or a
             fitted ``"frozen"`` one (the same mask for every batch and every ``num_proc`` worker).
             ``update=N`` is refused: each map worker would count batches on its own shard.
-        columns: the column(s) to sparsify; each must hold fixed-shape rows of numbers.
+        columns: the column(s) to sparsify; each must hold fixed-shape rows of numbers. A
+            transform with ``keys`` must name the same columns.
     """
     if not isinstance(transform, SparsifyTransform):
         raise TypeError(f"transform must be a SparsifyTransform, got {type(transform).__name__}")
@@ -48,8 +49,12 @@ def hf_map_fn(transform: SparsifyTransform, columns: str | list[str]) -> Sparsif
             f"hf_map_fn does not take update={transform.update!r}: map workers would each count "
             "batches of their own shard; use update='every_batch' or a fitted update='frozen'"
         )
-    selected = [c for c in names if transform.keys is None or c in transform.keys]
-    mask_names = transform._mask_names([(c,) for c in selected])
+    if transform.keys is not None and set(transform.keys) != set(names):
+        raise ValueError(
+            f"the transform has keys={list(transform.keys)} and hf_map_fn got columns={names}: "
+            "the map sparsifies the named columns; give the transform keys=None or these names"
+        )
+    mask_names = transform._mask_names([(c,) for c in (transform.keys or names)])
     if transform.update == "frozen" and not transform.is_fitted(mask_names):
         raise ValueError(
             f"the frozen transform has no mask for {mask_names}; calibrate first with "

@@ -187,3 +187,17 @@ def test_a_numpy_to_torch_transform_gives_the_column_back_as_it_came(fmt):
     assert out.features == ds.features
     plain = source.map(hf_map_fn(transform(), "x"), batched=True, batch_size=BATCH)
     np.testing.assert_array_equal(column(out), column(plain))
+
+
+@pytest.mark.parametrize("keys, columns", [(["x", "y"], "x"), ("y", "x"), ("x", ["x", "y"])])
+def test_transform_keys_other_than_the_columns_are_refused_up_front(keys, columns):
+    tf = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), keys=keys)
+    with pytest.raises(ValueError, match=r"keys=.*columns="):
+        hf_map_fn(tf, columns)
+
+
+def test_transform_keys_naming_the_columns_are_accepted():
+    ds = Dataset.from_dict({"x": values().tolist(), "y": values(seed=3).tolist()})
+    tf = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), keys=["y", "x"])
+    out = ds.map(hf_map_fn(tf, ["x", "y"]), batched=True, batch_size=BATCH)
+    assert (np.array(out["x"]) == 0).mean() == 0.5 and (np.array(out["y"]) == 0).mean() == 0.5
