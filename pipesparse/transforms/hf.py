@@ -91,7 +91,15 @@ class SparsifyMapFn:
         if not isinstance(batch, Mapping):
             raise TypeError(
                 f"hf_map_fn got a batch of type {type(batch).__name__}; use it with "
-                "dataset.map(fn, batched=True) on the python, numpy, torch or arrow format"
+                "dataset.map(fn, batched=True) on the python, numpy, torch or arrow format, "
+                "without input_columns (it takes the whole batch and picks its columns)"
+            )
+        row_value = _row_value(batch)
+        if row_value is not None:
+            raise TypeError(
+                f"hf_map_fn got one row, not a batch ({row_value}); use it with "
+                "dataset.map(fn, batched=True): one row at a time each row would be masked "
+                "on its own"
             )
         values = {c: self._as_array(c, _column(batch, c)) for c in self.columns}
         if not len(next(iter(values.values()))):
@@ -136,6 +144,22 @@ def _column(batch: Any, name: str) -> Any:
     if name not in names:
         raise BatchKeyError(f"hf_map_fn: the batch has no column {name!r}; its columns are {names}")
     return batch[name]
+
+
+def _row_value(batch: Mapping) -> str | None:
+    """What shows that ``batch`` is one row (map without ``batched=True``), or None. The
+    python format's row is a ``LazyRow``; a numpy or torch row holds scalars (0-d) for scalar
+    columns. Only an already formatted (plain dict) batch is searched: a lazy one would
+    format (decode) every column."""
+    if type(batch).__name__ == "LazyRow":
+        return "a datasets LazyRow"
+    if type(batch) is dict:
+        for name, value in batch.items():
+            if isinstance(value, (int, float, np.generic)) or (
+                isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0
+            ):
+                return f"column {name!r} holds a scalar"
+    return None
 
 
 def _like(original: Any, masked: Any) -> Any:

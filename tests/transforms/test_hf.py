@@ -201,3 +201,19 @@ def test_transform_keys_naming_the_columns_are_accepted():
     tf = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), keys=["y", "x"])
     out = ds.map(hf_map_fn(tf, ["x", "y"]), batched=True, batch_size=BATCH)
     assert (np.array(out["x"]) == 0).mean() == 0.5 and (np.array(out["y"]) == 0).mean() == 0.5
+
+
+@pytest.mark.parametrize("fmt", [None, "numpy", "torch"])
+@pytest.mark.parametrize("update", ["every_batch", "frozen"])
+def test_a_map_without_batched_true_is_refused(fmt, update):
+    """One row at a time, every_batch would mask each row on its own, and frozen failed on a
+    mask shape; both now say what to do."""
+    ds = dataset()
+    source = ds.with_format(fmt) if fmt else ds
+    with pytest.raises(TypeError, match=r"one row, not a batch .*batched=True"):
+        source.map(hf_map_fn(transform(update), "x"))
+
+
+def test_input_columns_are_refused_with_a_message_that_says_so():
+    with pytest.raises(TypeError, match="input_columns"):
+        dataset().map(hf_map_fn(transform(), "x"), batched=True, input_columns="x")
