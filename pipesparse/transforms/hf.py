@@ -129,8 +129,13 @@ class SparsifyMapFn:
         except ValueError:
             array = np.empty(0, dtype=object)  # ragged rows
         if array.dtype == object:
+            what = (  # (rows of different shapes: no array, or one of row arrays / lists)
+                "values that are not numbers (None, a string, a dict ...)"
+                if any(v is None or isinstance(v, (str, bytes, Mapping)) for v in array.flat)
+                else "rows of different shapes"
+            )
             raise ValueError(
-                f"column {name!r} has rows of different shapes; only fixed-shape rows can be "
+                f"column {name!r} has {what}; only fixed-shape rows of numbers can be "
                 "sparsified as one batch"
             )
         return array

@@ -217,3 +217,18 @@ def test_a_map_without_batched_true_is_refused(fmt, update):
 def test_input_columns_are_refused_with_a_message_that_says_so():
     with pytest.raises(TypeError, match="input_columns"):
         dataset().map(hf_map_fn(transform(), "x"), batched=True, input_columns="x")
+
+
+def test_a_column_with_nulls_is_not_called_ragged():
+    fn = hf_map_fn(transform(), "x")
+    with pytest.raises(ValueError, match="None") as err:
+        fn({"x": [[1.0, None], [2.0, 3.0]]})
+    assert "different shapes" not in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", [None, "numpy", "torch"])
+def test_ragged_rows_are_called_ragged_in_every_format(fmt):
+    ds = Dataset.from_dict({"x": [[1.0, 2.0], [3.0], [4.0, 5.0]]})
+    source = ds.with_format(fmt) if fmt else ds
+    with pytest.raises(ValueError, match="rows of different shapes"):
+        source.map(hf_map_fn(transform(), "x"), batched=True)
