@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch.utils.data import default_collate
+from torch.utils.data import default_collate, default_convert
 
 from pipesparse.transforms.core import SparsifyTransform
 
@@ -21,10 +21,12 @@ class SparsifyCollate:
 
     Args:
         transform: the transform applied to each collated batch.
-        collate_fn: how samples become a batch; None: ``torch.utils.data.default_collate``,
-            whose fresh tensors are masked in place (see
-            :meth:`SparsifyTransform.apply_in_place`). The output of any other ``collate_fn``
-            is never written to.
+        collate_fn: how samples become a batch; None: what the DataLoader itself does, so
+            ``torch.utils.data.default_collate`` of the list of samples, whose fresh tensors
+            are masked in place (see :meth:`SparsifyTransform.apply_in_place`), or, with
+            ``batch_size=None`` (the DataLoader hands over one item, not a list),
+            ``default_convert`` of the item. The output of any other ``collate_fn`` is never
+            written to.
     """
 
     def __init__(
@@ -40,6 +42,11 @@ class SparsifyCollate:
         self.collate_fn = collate_fn
 
     def __call__(self, samples: list[Any]) -> Any:
+        if self.collate_fn is None and not isinstance(samples, list):
+            # no automatic batching (batch_size=None): the DataLoader hands over each item the
+            # dataset yields, a whole batch, and its own default is default_convert; that keeps
+            # the dataset's tensors, so they are masked out of place
+            return self.transform(default_convert(samples))
         if self.collate_fn is None or self.collate_fn is default_collate:
             # default_collate stacks the samples into new tensors (in a worker, already in shared
             # memory) that only this call holds, so they are masked in place: no second batch

@@ -370,3 +370,47 @@ def test_a_collate_fn_returning_views_of_the_dataset_leaves_the_dataset_unchange
         assert torch.equal(
             torch.cat(got), torch.cat([tf(original[i : i + 4]) for i in (0, 4, 8, 12)])
         )
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Yields whole batches (a tensor, a dict, a tuple with an int), as for batch_size=None;
+    keeps them, to check that they are never written."""
+
+    def __init__(self, kind):
+        gen = torch.Generator().manual_seed(9)
+        xs = [torch.randn(4, 8, generator=gen) for _ in range(3)]
+        self.items = {
+            "tensor": xs,
+            "dict": [{"x": x, "y": torch.arange(4)} for x in xs],
+            "tuple": [(x, i) for i, x in enumerate(xs)],
+        }[kind]
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "dict", "tuple"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batch_size_none_sparsifies_each_batch_the_dataset_yields(kind, num_workers):
+    """Without automatic batching the DataLoader hands the collate_fn one item, not a list;
+    its own default then is default_convert, not default_collate."""
+    dataset = Batches(kind)
+    kwargs = {"multiprocessing_context": "fork"} if num_workers else {}
+    tf = transform()
+    got = list(
+        loader(dataset, SparsifyCollate(tf), batch_size=None, num_workers=num_workers, **kwargs)
+    )
+    if num_workers:  # each worker iterates the whole dataset
+        got = got[::2]
+    want = [transform()(item) for item in dataset.items]
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        if kind == "tensor":
+            a, b = {"x": a}, {"x": b}
+        elif kind == "tuple":
+            assert a[1] == b[1]
+            a, b = {"x": a[0]}, {"x": b[0]}
+        assert torch.equal(a["x"], b["x"]) and (a["x"] == 0).any()
+    for item in dataset.items:  # the dataset's own tensors are never masked (num_workers=0)
+        x = item if kind == "tensor" else item["x"] if kind == "dict" else item[0]
+        assert (x != 0).all()
