@@ -11,7 +11,7 @@ cache and ``num_proc`` workers all get the same masks.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,13 @@ def hf_map_fn(transform: SparsifyTransform, columns: str | list[str]) -> Sparsif
     """
     if not isinstance(transform, SparsifyTransform):
         raise TypeError(f"transform must be a SparsifyTransform, got {type(transform).__name__}")
-    names = [columns] if isinstance(columns, str) else list(columns)
+    names = (
+        [columns]
+        if isinstance(columns, str)
+        else list(columns)
+        if isinstance(columns, Iterable)
+        else []
+    )
     if not names or not all(isinstance(c, str) for c in names):
         raise ValueError(
             f"columns={columns!r} is not accepted; pass a column name or a list of them"

@@ -167,6 +167,9 @@ def test_errors_name_what_is_wrong():
         hf_map_fn(transform("frozen", calibrate=False), "x")
     with pytest.raises(ValueError, match="columns="):
         hf_map_fn(transform(), [])
+    for columns in (3, None):  # not iterable: the same message, not a bare TypeError
+        with pytest.raises(ValueError, match="columns="):
+            hf_map_fn(transform(), columns)
     with pytest.raises(TypeError, match="SparsifyTransform"):
         hf_map_fn(lambda batch: batch, "x")
     fn = hf_map_fn(transform(), "x")
