@@ -68,6 +68,8 @@ class QuantizedEmbeddingBag(nnq.EmbeddingBag):
             raise ValueError("per_sample_weights needs an EmbeddingBag with mode='sum'")
         last = 1 if self.include_last_offset else 0
         if indices.dim() == 2:  # one bag per row, as in nn.EmbeddingBag
+            if offsets is not None:  # they would be ignored: refused, as nn.EmbeddingBag does
+                raise ValueError("2-D indices are one bag per row: offsets must be None with them")
             rows, width = indices.shape[0], indices.shape[1]
             offsets = torch.arange(rows + last, device=indices.device) * width
             indices = indices.reshape(-1)

@@ -263,6 +263,14 @@ def test_2d_indices_of_empty_rows_give_one_empty_bag_per_row(include_last_offset
         assert torch.equal(bag(torch.zeros(3, 0, dtype=torch.int64)), torch.zeros(3, 4))
 
 
+def test_2d_indices_with_offsets_are_refused_as_by_nn_embedding_bag():
+    """2-D indices are one bag per row: offsets given with them would be ignored."""
+    bags = nn.Sequential(nn.EmbeddingBag(10, 4, mode="mean"))
+    post_training_sparse_quantize(bags, DataNormSparsifier, sparsity_level=0.0)
+    with pytest.raises(ValueError, match="offsets must be None"):
+        bags[0](torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1]))
+
+
 @pytest.mark.parametrize("sparsify_first", [True, False])
 def test_a_weight_tied_to_an_embedding_is_pruned_only_when_sparsifying_first(sparsify_first):
     """As the README says: sparsify_first=True prunes the float weight in place, so a layer
