@@ -170,6 +170,8 @@ def _run(
     many rows as the input file has (its metadata says how many): nothing is read ahead into
     the next shard, so an error there cannot cost a shard that is already complete, and an
     engine that gives too few or too many rows for a file fails instead of recording it."""
+    if not pending:  # a rerun of a finished job: no engine to start (Ray takes seconds)
+        return 0
     done = total_shards - len(pending)
     expected = [s.num_rows() for s in pending]
     bar = progress_bar(sum(expected), "preprocess", quiet, total_shards)
@@ -201,9 +203,8 @@ def _run(
                 rows += info["rows"]
                 done += 1
                 bar.set_postfix_str(f"shards {done}/{total_shards}")
-            if pending:  # the engine must have nothing left
-                last = _next(stream, pending[-1:], job, batch_rows, engine_name)
-                _check_extra(last, len(pending), pending, manifest, engine_name)
+            last = _next(stream, pending[-1:], job, batch_rows, engine_name)  # must be None
+            _check_extra(last, len(pending), pending, manifest, engine_name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return rows

@@ -13,6 +13,7 @@ from pipesparse.shards import ResumeRefusedError, ShardError, fit, preprocess, r
 from pipesparse.shards.manifest import Manifest
 
 COLUMNS = "vec,img,fixed"
+preprocess_module = importlib.import_module("pipesparse.shards.preprocess")
 
 
 def _run(shards_dir, out, **kwargs):
@@ -94,6 +95,21 @@ def test_rerun_resumes_and_redoes_damaged_shards(tmp_path, shards_dir):
     assert summary.skipped == 1 and summary.rows == 40
     assert {p: (out / p).read_bytes() for p in _outputs(out)} == first
     assert not list(out.glob(".pipesparse-*.tmp"))
+
+
+@pytest.mark.parametrize("engine", ["local", "hf", "ray"])
+def test_rerun_of_a_finished_job_starts_no_engine(tmp_path, shards_dir, monkeypatch, engine):
+    out = tmp_path / "out"
+    _run(shards_dir, out)
+    before = {p: (out / p).read_bytes() for p in _outputs(out)}
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was started for a finished job")
+
+    monkeypatch.setattr(preprocess_module, "make_engine", no_engine)
+    summary = _run(shards_dir, out, engine=engine, workers=2)
+    assert (summary.shards, summary.skipped, summary.rows) == (3, 3, 0)
+    assert {p: (out / p).read_bytes() for p in _outputs(out)} == before
 
 
 def test_changed_input_or_config_refuses_unless_overwrite(tmp_path, shards_dir, make_shards):
