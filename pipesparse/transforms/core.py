@@ -192,10 +192,14 @@ class SparsifyTransform:
         products = self._fit(names, tensors, in_place) if self._must_fit(names) else {}
         if self.persistent and self._version.elsewhere:  # (where it never fits)
             outs = self._apply_shared(names, tensors, in_place)
-        else:
-            outs = [
-                products[n] if n in products else self._apply(n, t, in_place)
+        else:  # every mask checked before any entry is written (in place)
+            masks = [
+                None if n in products else self._mask_for(n, t)
                 for n, t in zip(names, tensors, strict=True)
+            ]
+            outs = [
+                products[n] if n in products else self._apply(n, t, in_place, m)
+                for n, t, m in zip(names, tensors, masks, strict=True)
             ]
         masked = {
             path: self._from_tensor(out, entry)

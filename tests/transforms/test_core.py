@@ -113,6 +113,17 @@ def test_features_mask_meeting_other_features_is_a_value_error():
     assert transform.state_dict()["batches_seen"] == 1  # the bad batch was not counted
 
 
+@pytest.mark.parametrize("mask_over, bad_b", [("batch", (5, 8)), ("features", (4, 12))])
+def test_apply_in_place_refused_for_one_entry_writes_no_other_entry(mask_over, bad_b):
+    transform = SparsifyTransform(norm(), update="frozen", mask_over=mask_over)
+    transform({"a": torch.randn(4, 8), "b": torch.randn(4, 8)})
+    a, b = torch.randn(4, 8), torch.randn(*bad_b)
+    a_before, b_before = a.clone(), b.clone()
+    with pytest.raises(ValueError, match="'batch_b'"):
+        transform.apply_in_place({"a": a, "b": b})
+    assert torch.equal(a, a_before) and torch.equal(b, b_before)  # the batch as it was
+
+
 def test_scalar_entry_with_features_mode_is_a_value_error():
     with pytest.raises(ValueError, match="batch dim"):
         SparsifyTransform(norm(), update="frozen")(torch.tensor(1.0))
