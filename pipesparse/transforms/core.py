@@ -351,6 +351,8 @@ class SparsifyTransform:
             raise ValueError(
                 f"mask_over='features' needs a batch dim; the entry for {name!r} is a scalar"
             )
+        if tensor.dtype == torch.bool:  # |x| of a flag is itself (torch has no bool abs)
+            tensor = tensor.float()
         magnitude = tensor.abs()
         if not magnitude.is_floating_point():
             magnitude = magnitude.float()

@@ -124,6 +124,18 @@ def test_apply_in_place_refused_for_one_entry_writes_no_other_entry(mask_over, b
     assert torch.equal(a, a_before) and torch.equal(b, b_before)  # the batch as it was
 
 
+@pytest.mark.parametrize("update", ["every_batch", "frozen"])
+def test_a_bool_entry_is_masked_over_features_by_its_share_of_true(update):
+    flags = torch.zeros(4, 8, dtype=torch.bool)
+    flags[:, 4:] = True  # features 4-7 are always True: their mean |x| is 1, the others' 0
+    transform = SparsifyTransform(norm(), keys="flags", update=update, mask_over="features")
+    out = transform({"flags": flags})["flags"]
+    assert out.dtype == torch.bool and torch.equal(out, flags)  # the True features are kept
+    assert torch.equal(
+        transform.sparsifier.get_mask("batch"), torch.tensor([[0.0] * 4 + [1.0] * 4])
+    )
+
+
 def test_scalar_entry_with_features_mode_is_a_value_error():
     with pytest.raises(ValueError, match="batch dim"):
         SparsifyTransform(norm(), update="frozen")(torch.tensor(1.0))
