@@ -189,7 +189,7 @@ class SparsifyTransform:
         tensors = [self._to_tensor(entry) for _, entry in entries]
         if in_place and len(tensors) > 1:  # entries sharing memory would be masked twice
             in_place = len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
-        products = self._fit(names, tensors, in_place) if self._must_fit(names) else {}
+        products = self._fit(names, tensors, in_place) if self._must_fit(names, tensors) else {}
         if self.persistent and self._version.elsewhere:  # (where it never fits)
             outs = self._apply_shared(names, tensors, in_place)
         else:  # every mask checked before any entry is written (in place)
@@ -248,7 +248,7 @@ class SparsifyTransform:
                 f"{self._version.writer}); call it there"
             )
 
-    def _must_fit(self, names: list[str]) -> bool:
+    def _must_fit(self, names: list[str], tensors: list[torch.Tensor]) -> bool:
         if not self.persistent:
             return True
         fitted = self.is_fitted(names)
@@ -265,6 +265,8 @@ class SparsifyTransform:
             return False
         if not fitted:
             return True
+        if self.mask_over == "features" and any(len(t) == 0 for t in tensors if t.dim()):
+            return False  # no rows to refit from (see _summary): the masks are kept
         return self.update != "frozen" and self._batches_seen % self.update == 0
 
     def _fit(
@@ -350,6 +352,11 @@ class SparsifyTransform:
         if tensor.dim() == 0:
             raise ValueError(
                 f"mask_over='features' needs a batch dim; the entry for {name!r} is a scalar"
+            )
+        if self.persistent and len(tensor) == 0:  # mean |x| over no rows: NaN, no mask to keep
+            raise ValueError(
+                f"the entry for {name!r} has no rows (shape {tuple(tensor.shape)}): a mask over "
+                f"features (update={self.update!r}) is fitted on a batch with at least one row"
             )
         if tensor.dtype == torch.bool:  # |x| of a flag is itself (torch has no bool abs)
             tensor = tensor.float()

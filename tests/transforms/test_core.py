@@ -136,6 +136,28 @@ def test_a_bool_entry_is_masked_over_features_by_its_share_of_true(update):
     )
 
 
+@pytest.mark.parametrize("sparsifier", [norm(), ThresholdSparsifier(threshold=0.5)])
+def test_an_empty_batch_never_fits_a_persistent_features_mask(sparsifier):
+    transform = SparsifyTransform(sparsifier, update="frozen")
+    with pytest.raises(ValueError, match=r"no rows.*\(0, 8\)"):
+        transform(torch.randn(0, 8))  # mean |x| over 0 rows is NaN: no mask to freeze
+    assert not transform.is_fitted() and transform.state_dict()["batches_seen"] == 0
+    calibration = torch.cat([torch.zeros(4, 4), torch.ones(4, 4)], dim=1)
+    transform(calibration)
+    mask = transform.sparsifier.get_mask("batch").clone()
+    with pytest.raises(ValueError, match="no rows"):
+        transform.fit(torch.randn(0, 8))
+    assert torch.equal(transform.sparsifier.get_mask("batch"), mask)
+
+    every_2 = SparsifyTransform(copy.deepcopy(sparsifier), update=2)
+    every_2(calibration)
+    every_2(calibration)
+    assert every_2(torch.randn(0, 8)).shape == (0, 8)  # batch 2 refits, but not on 0 rows
+    assert torch.equal(every_2.sparsifier.get_mask("batch"), mask)
+    x = torch.rand(3, 8) + 1
+    assert torch.equal(every_2(x), x * mask)
+
+
 def test_scalar_entry_with_features_mode_is_a_value_error():
     with pytest.raises(ValueError, match="batch dim"):
         SparsifyTransform(norm(), update="frozen")(torch.tensor(1.0))
