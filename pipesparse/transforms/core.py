@@ -176,7 +176,8 @@ class SparsifyTransform:
         arrays) by their masks in place, saving a batch-sized allocation and copy. Only for a
         batch the caller owns and nobody else reads, such as a fresh ``default_collate``
         output; ``transform(batch)`` never writes into the batch. An entry that requires grad
-        is masked out of place, as ``transform(batch)`` does; an entry moved to ``device`` is
+        is masked out of place, as ``transform(batch)`` does; an entry moved to ``device`` (or a
+        numpy array that torch cannot view: read-only, reversed, non-native byte order) is
         masked in its new copy.
         Entries that share memory are all masked out of place."""
         return self._masked(batch, in_place=True)
@@ -428,16 +429,22 @@ class SparsifyTransform:
                 f"a batch entry has layout {entry.layout}; accepted: dense (torch.strided) "
                 "tensors (convert it with .to_dense())"
             )
-        if isinstance(entry, np.ndarray):  # torch takes neither read-only nor reversed arrays
-            usable = entry.flags.writeable and all(stride >= 0 for stride in entry.strides)
-            entry = torch.from_numpy(entry if usable else entry.copy())
+        if isinstance(entry, np.ndarray):  # torch takes neither read-only nor reversed arrays,
+            usable = (  # nor arrays in the other byte order (">f4" read from a file): copies
+                entry.flags.writeable
+                and entry.dtype.isnative
+                and all(stride >= 0 for stride in entry.strides)
+            )
+            native = entry.dtype.newbyteorder("=")
+            entry = torch.from_numpy(entry if usable else np.array(entry, dtype=native, order="C"))
         if self._device is not None and entry.device != self._device:
             entry = entry.to(self._device)
         return entry
 
     def _from_tensor(self, out: torch.Tensor, entry: Any) -> Any:
         if isinstance(entry, np.ndarray) and not self.numpy_to_torch:
-            return out.cpu().numpy()
+            out = out.cpu().numpy()
+            return out if out.dtype == entry.dtype else out.astype(entry.dtype)  # byte order
         return out
 
     def _without_batches(self) -> SparsifyTransform:

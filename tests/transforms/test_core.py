@@ -431,6 +431,18 @@ def test_numpy_entries_stay_numpy_unless_asked():
     )
 
 
+@pytest.mark.parametrize("update", ["every_batch", "frozen"])
+def test_big_endian_numpy_entries_are_masked_and_keep_their_dtype(update):
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(">f4")  # e.g. read from a file
+    transform = SparsifyTransform(norm(), update=update)
+    expected = transform._without_batches()(x.astype(np.float32))
+    for out in (transform({"x": x})["x"], transform.apply_in_place({"x": x.copy()})["x"]):
+        assert isinstance(out, np.ndarray) and out.dtype == np.dtype(">f4")
+        np.testing.assert_array_equal(out, expected)
+    as_torch = SparsifyTransform(norm(), numpy_to_torch=True)(x)
+    assert torch.equal(as_torch, expected_batch(torch.from_numpy(x.astype(np.float32))))
+
+
 def test_explicitly_selected_integer_and_half_entries_keep_their_dtype():
     ints = torch.arange(32).view(4, 8) - 16
     out = SparsifyTransform(norm(), keys="x")({"x": ints})
