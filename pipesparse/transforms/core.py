@@ -95,6 +95,14 @@ def _private(ready: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ready.clone() if ready is mask else ready
 
 
+def _self_overlapping(tensor: torch.Tensor) -> bool:
+    """Whether elements of ``tensor`` are one memory location (a dim of stride 0, as
+    ``expand`` makes): torch refuses to write into it in place."""
+    return tensor.numel() > 1 and any(
+        stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+
+
 def _in_dataloader_worker() -> bool:
     return get_worker_info() is not None
 
@@ -179,7 +187,8 @@ class SparsifyTransform:
         is masked out of place, as ``transform(batch)`` does; an entry moved to ``device`` (or a
         numpy array that torch cannot view: read-only, reversed, non-native byte order) is
         masked in its new copy.
-        Entries that share memory are all masked out of place."""
+        Entries that share memory (with each other, or within one, as an ``expand()``) are all
+        masked out of place."""
         return self._masked(batch, in_place=True)
 
     def _masked(self, batch: Any, in_place: bool) -> Any:
@@ -190,6 +199,8 @@ class SparsifyTransform:
         tensors = [self._to_tensor(entry) for _, entry in entries]
         if in_place and len(tensors) > 1:  # entries sharing memory would be masked twice
             in_place = len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+        if in_place:  # nor can torch write an entry whose elements share memory (an expand())
+            in_place = not any(map(_self_overlapping, tensors))
         products = self._fit(names, tensors, in_place) if self._must_fit(names, tensors) else {}
         if self.persistent and self._version.elsewhere:  # (where it never fits)
             outs = self._apply_shared(names, tensors, in_place)

@@ -158,6 +158,18 @@ def test_an_empty_batch_never_fits_a_persistent_features_mask(sparsifier):
     assert torch.equal(every_2(x), x * mask)
 
 
+@pytest.mark.parametrize("update", ["every_batch", "frozen", 2])
+@pytest.mark.parametrize("mask_over", ["batch", "features"])
+def test_apply_in_place_masks_an_expanded_entry_out_of_place(update, mask_over):
+    row = torch.randn(1, 8, generator=torch.Generator().manual_seed(3))
+    transform = SparsifyTransform(norm(), update=update, mask_over=mask_over)
+    want = transform._without_batches()({"x": row.expand(4, 8).clone(), "y": torch.ones(4, 8)})
+    expanded = row.expand(4, 8)  # its rows are one memory: torch cannot write it in place
+    got = transform.apply_in_place({"x": expanded, "y": torch.ones(4, 8)})
+    assert torch.equal(got["x"], want["x"]) and torch.equal(got["y"], want["y"])
+    assert torch.equal(row, expanded[:1]) and transform.state_dict()["batches_seen"] == 1
+
+
 def test_scalar_entry_with_features_mode_is_a_value_error():
     with pytest.raises(ValueError, match="batch dim"):
         SparsifyTransform(norm(), update="frozen")(torch.tensor(1.0))
