@@ -201,17 +201,20 @@ class SparsifyTransform:
             in_place = len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
         if in_place:  # nor can torch write an entry whose elements share memory (an expand())
             in_place = not any(map(_self_overlapping, tensors))
-        products = self._fit(names, tensors, in_place) if self._must_fit(names, tensors) else {}
+        fit = self._names_to_fit(names, tensors)
         if self.persistent and self._version.elsewhere:  # (where it never fits)
             outs = self._apply_shared(names, tensors, in_place)
-        else:  # every mask checked before any entry is written (in place)
-            masks = [
-                None if n in products else self._mask_for(n, t)
-                for n, t in zip(names, tensors, strict=True)
-            ]
+        else:  # every kept mask checked before any mask or entry is written (in place)
+            kept = {
+                n: self._mask_for(n, t) for n, t in zip(names, tensors, strict=True) if n not in fit
+            }
+            products = {}
+            if fit:
+                pairs = [(n, t) for n, t in zip(names, tensors, strict=True) if n in fit]
+                products = self._fit([n for n, _ in pairs], [t for _, t in pairs], in_place)
             outs = [
-                products[n] if n in products else self._apply(n, t, in_place, m)
-                for n, t, m in zip(names, tensors, masks, strict=True)
+                products[n] if n in products else self._apply(n, t, in_place, kept.get(n))
+                for n, t in zip(names, tensors, strict=True)
             ]
         masked = {
             path: self._from_tensor(out, entry)
@@ -260,13 +263,14 @@ class SparsifyTransform:
                 f"{self._version.writer}); call it there"
             )
 
-    def _must_fit(self, names: list[str], tensors: list[torch.Tensor]) -> bool:
+    def _names_to_fit(self, names: list[str], tensors: list[torch.Tensor]) -> list[str]:
+        """Of the batch's mask names, those to fit from it now: all (every batch, every Nth
+        batch), or those without a mask yet (the others keep theirs), or none."""
         if not self.persistent:
-            return True
-        fitted = self.is_fitted(names)
+            return names
+        missing = [n for n in names if n not in self.sparsifier.data_groups]
         if _in_dataloader_worker() or not self._owned():
-            if not fitted:
-                missing = [n for n in names if n not in self.sparsifier.data_groups]
+            if missing:
                 raise ValueError(
                     f"SparsifyTransform(update={self.update!r}) has no mask for {missing} in this "
                     "worker process; workers only apply the masks of the process that created the "
@@ -274,12 +278,12 @@ class SparsifyTransform:
                     "transform(calibration_batch) or transform.load_state_dict(state) before "
                     "starting the workers"
                 )
-            return False
-        if not fitted:
-            return True
+            return []
         if self.mask_over == "features" and any(len(t) == 0 for t in tensors if t.dim()):
-            return False  # no rows to refit from (see _summary): the masks are kept
-        return self.update != "frozen" and self._batches_seen % self.update == 0
+            return missing  # no rows to refit from (see _summary): the masks are kept
+        if self.update != "frozen" and self._batches_seen % self.update == 0:
+            return names
+        return missing
 
     def _fit(
         self, names: list[str], tensors: list[torch.Tensor], in_place: bool | None = None
@@ -289,8 +293,18 @@ class SparsifyTransform:
         the pass that writes the mask): returned by name, for the entries it covers."""
         pid = os.getpid()
         private = self.persistent or self._mask_pid == pid
+        sparsifier = self.sparsifier  # its step refits every name: persistent masks of names
+        kept = {  # not fitted now are put back as they were
+            n: sparsifier.get_mask(n).clone()
+            for n in (sparsifier.data_groups if self.persistent else ())
+            if n not in names
+        }
         with self._writing_masks():
-            products = self._register_and_step(names, tensors, in_place, private)
+            try:
+                products = self._register_and_step(names, tensors, in_place, private)
+            finally:
+                for name, mask in kept.items():
+                    sparsifier.get_mask(name).copy_(mask)
         if self.persistent:
             self.share_memory()
         else:  # every_batch masks are private to a process: workers must not write into

@@ -253,6 +253,22 @@ def test_several_entries_get_one_mask_each_named_by_key_or_index():
     assert sorted(tuple_transform.sparsifier.data_groups) == ["t_0", "t_2"]
 
 
+@pytest.mark.parametrize("update", ["frozen", 3])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_an_entry_new_to_a_persistent_transform_is_fitted_alone(update, in_place):
+    left = torch.cat([torch.zeros(4, 4), torch.ones(4, 4)], dim=1)  # keeps features 4-7
+    right = left.flip(1)  # keeps features 0-3
+    transform = SparsifyTransform(norm(), update=update)
+    transform({"x": left, "y": right})
+    call = transform.apply_in_place if in_place else transform
+    out = call({"x": right.clone(), "y": left.clone(), "z": right.clone()})
+    masks = {n: transform.sparsifier.get_mask(f"batch_{n}") for n in "xyz"}
+    assert torch.equal(masks["x"], left[:1]) and torch.equal(masks["y"], right[:1])  # kept
+    assert torch.equal(masks["z"], right[:1])  # fitted on the batch that brought it
+    assert torch.equal(out["x"], torch.zeros(4, 8)) and torch.equal(out["z"], right)
+    assert all(mask.is_shared() for mask in masks.values())
+
+
 @pytest.mark.parametrize("update", ["every_batch", "frozen"])
 def test_entries_whose_names_would_be_alike_get_masks_of_their_own(update):
     a, b, c = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
