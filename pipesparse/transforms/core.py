@@ -103,6 +103,13 @@ def _self_overlapping(tensor: torch.Tensor) -> bool:
     )
 
 
+def _normal_mode() -> AbstractContextManager[Any]:
+    """Around every write of masks and slots, which outlive the call: made under
+    ``torch.inference_mode`` they would be inference tensors, which no call outside it may
+    update in place (every later call of an ``every_batch`` transform would raise)."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
+
+
 def _in_dataloader_worker() -> bool:
     return get_worker_info() is not None
 
@@ -188,7 +195,7 @@ class SparsifyTransform:
         numpy array that torch cannot view: read-only, reversed, non-native byte order) is
         masked in its new copy.
         Entries that share memory (with each other, or within one, as an ``expand()``) are all
-        masked out of place."""
+        masked out of place, and so are batches holding an inference tensor."""
         return self._masked(batch, in_place=True)
 
     def _masked(self, batch: Any, in_place: bool) -> Any:
@@ -199,8 +206,10 @@ class SparsifyTransform:
         tensors = [self._to_tensor(entry) for _, entry in entries]
         if in_place and len(tensors) > 1:  # entries sharing memory would be masked twice
             in_place = len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
-        if in_place:  # nor can torch write an entry whose elements share memory (an expand())
-            in_place = not any(map(_self_overlapping, tensors))
+        if in_place:  # nor can torch write an entry whose elements share memory (an expand()),
+            in_place = not any(  # nor an inference tensor, outside inference mode (see _fit)
+                _self_overlapping(t) or t.is_inference() for t in tensors
+            )
         fit = self._names_to_fit(names, tensors)
         if self.persistent and self._version.elsewhere:  # (where it never fits)
             outs = self._apply_shared(names, tensors, in_place)
@@ -299,7 +308,7 @@ class SparsifyTransform:
             for n in (sparsifier.data_groups if self.persistent else ())
             if n not in names
         }
-        with self._writing_masks():
+        with self._writing_masks(), _normal_mode():
             try:
                 products = self._register_and_step(names, tensors, in_place, private)
             finally:
@@ -549,7 +558,7 @@ class SparsifyTransform:
         if not isinstance(state_dict.get("sparsifier"), Mapping):
             raise CorruptStateError("transform state is missing its 'sparsifier' dict")
         self._check_owned("load_state_dict")
-        with self._writing_masks():
+        with self._writing_masks(), _normal_mode():
             self.sparsifier.load_state_dict(state_dict["sparsifier"])
         self._batches_seen = seen
         if self.persistent:

@@ -170,6 +170,30 @@ def test_apply_in_place_masks_an_expanded_entry_out_of_place(update, mask_over):
     assert torch.equal(row, expanded[:1]) and transform.state_dict()["batches_seen"] == 1
 
 
+@pytest.mark.parametrize("update", ["every_batch", "frozen", 2])
+@pytest.mark.parametrize("mask_over", ["batch", "features"])
+def test_a_transform_used_under_inference_mode_works_outside_it(update, mask_over):
+    gen = torch.Generator().manual_seed(4)
+    sizes = (4, 3, 4, 3, 4) if mask_over == "features" or update == "every_batch" else (4,) * 5
+    batches = [torch.randn(n, 8, generator=gen) for n in sizes]
+    reference = SparsifyTransform(norm(), update=update, mask_over=mask_over)
+    want = [reference(x) for x in batches]
+    transform = SparsifyTransform(norm(), update=update, mask_over=mask_over)
+    with torch.inference_mode():  # an evaluation loop, before training
+        assert torch.equal(transform(batches[0]), want[0])
+    for x, expected in zip(batches[1:], want[1:], strict=True):
+        assert torch.equal(transform(x), expected)
+    with torch.inference_mode():
+        state = copy.deepcopy(transform.state_dict())
+        transform.load_state_dict(state)
+        inference_batch = batches[4].clone()  # an inference tensor
+    transform.fit(batches[4])
+    expected = transform._without_batches()(batches[4])
+    got = transform.apply_in_place(inference_batch)  # cannot be written here: out of place
+    assert torch.equal(got, expected) and torch.equal(inference_batch, batches[4])
+    assert not any(transform.sparsifier.get_mask(n).is_inference() for n in ["batch"])
+
+
 def test_scalar_entry_with_features_mode_is_a_value_error():
     with pytest.raises(ValueError, match="batch dim"):
         SparsifyTransform(norm(), update="frozen")(torch.tensor(1.0))
