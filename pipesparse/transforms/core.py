@@ -302,23 +302,46 @@ class SparsifyTransform:
         the pass that writes the mask): returned by name, for the entries it covers."""
         pid = os.getpid()
         private = self.persistent or self._mask_pid == pid
-        sparsifier = self.sparsifier  # its step refits every name: persistent masks of names
-        kept = {  # not fitted now are put back as they were
-            n: sparsifier.get_mask(n).clone()
-            for n in (sparsifier.data_groups if self.persistent else ())
-            if n not in names
-        }
+        # the persistent masks as they were: the rule's step refits every name, and this fit
+        # changes only those of ``names``, or none if it raises
+        sparsifier = self.sparsifier
+        before = {n: sparsifier.get_mask(n) for n in sparsifier.data_groups if self.persistent}
+        copies = {n: mask.clone() for n, mask in before.items()}
         with self._writing_masks(), _normal_mode():
+            fitted = False
             try:
                 products = self._register_and_step(names, tensors, in_place, private)
+                fitted = True
             finally:
-                for name, mask in kept.items():
-                    sparsifier.get_mask(name).copy_(mask)
+                if self.persistent:
+                    self._put_back(before, copies, names if fitted else ())
         if self.persistent:
             self.share_memory()
         else:  # every_batch masks are private to a process: workers must not write into
             self._mask_pid = pid  # the (shared) storage of the parent's masks
         return products
+
+    def _put_back(
+        self,
+        before: dict[str, torch.Tensor],
+        copies: dict[str, torch.Tensor],
+        fitted: Iterable[str],
+    ) -> None:
+        """Every persistent mask but those of ``fitted`` back to its copy in ``before``; a name
+        registered since (or given a mask of another shape) is dropped: the next batch that has
+        it fits it."""
+        sparsifier, fitted = self.sparsifier, set(fitted)
+        dropped = [
+            n
+            for n in sparsifier.data_groups
+            if n not in fitted and (n not in before or sparsifier.get_mask(n) is not before[n])
+        ]
+        sparsifier._forget(dropped)
+        for name in dropped:
+            self._slots.pop(name, None)
+        for name, mask in before.items():
+            if name not in fitted and name not in dropped:
+                mask.copy_(copies[name])
 
     def _register_and_step(
         self,

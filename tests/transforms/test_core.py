@@ -194,6 +194,41 @@ def test_a_transform_used_under_inference_mode_works_outside_it(update, mask_ove
     assert not any(transform.sparsifier.get_mask(n).is_inference() for n in ["batch"])
 
 
+class RefusesNaN(ThresholdSparsifier):
+    """A user's rule that raises in its step, after the names before it got their masks."""
+
+    def update_mask(self, name, data, **config):
+        if data.isnan().any():
+            raise ValueError(f"{name!r} holds NaN")
+        super().update_mask(name, data, **config)
+
+
+@pytest.mark.parametrize("mask_over", ["batch", "features"])
+def test_a_fit_that_raises_in_the_step_leaves_every_persistent_mask_as_it_was(mask_over):
+    gen = torch.Generator().manual_seed(8)
+    clean = [{k: torch.randn(4, 8, generator=gen) for k in "ab"} for _ in range(3)]
+    poisoned = {"a": clean[0]["a"] + 1, "b": clean[0]["b"].clone()}
+    poisoned["b"][0, 0] = torch.nan
+    frozen = SparsifyTransform(RefusesNaN(threshold=0.5), update="frozen", mask_over=mask_over)
+    with pytest.raises(ValueError, match="'batch_b' holds NaN"):
+        frozen(poisoned)  # batch_a was registered and stepped, batch_b registered, then this
+    assert not frozen.is_fitted(["batch_a"]) and not frozen.is_fitted(["batch_b"])
+    reference = SparsifyTransform(RefusesNaN(threshold=0.5), update="frozen", mask_over=mask_over)
+    for batch in clean:  # fitted on the first batch that went through, as if it were the first
+        got, want = frozen(batch), reference(batch)
+        assert all(torch.equal(got[k], want[k]) for k in "ab")
+
+    every_2 = SparsifyTransform(RefusesNaN(threshold=0.5), update=2, mask_over=mask_over)
+    every_2(clean[0])
+    every_2(clean[1])
+    masks = {n: every_2.sparsifier.get_mask(n).clone() for n in ("batch_a", "batch_b")}
+    with pytest.raises(ValueError, match="holds NaN"):
+        every_2(poisoned)  # batch 2: a refit
+    for name, mask in masks.items():
+        assert torch.equal(every_2.sparsifier.get_mask(name), mask)
+    assert every_2.state_dict()["batches_seen"] == 2
+
+
 def test_scalar_entry_with_features_mode_is_a_value_error():
     with pytest.raises(ValueError, match="batch dim"):
         SparsifyTransform(norm(), update="frozen")(torch.tensor(1.0))
