@@ -486,6 +486,11 @@ class SparsifyTransform:
                 f"a batch entry has layout {entry.layout}; accepted: dense (torch.strided) "
                 "tensors (convert it with .to_dense())"
             )
+        if isinstance(entry, torch.Tensor) and entry.is_nested:
+            raise TypeError(
+                "a batch entry is a nested tensor; accepted: dense tensors of one shape (pad "
+                "it with .to_padded_tensor(0))"
+            )
         if isinstance(entry, np.ndarray):  # torch takes neither read-only nor reversed arrays,
             usable = (  # nor arrays in the other byte order (">f4" read from a file): copies
                 entry.flags.writeable

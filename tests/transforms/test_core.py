@@ -393,6 +393,16 @@ def test_a_sparse_batch_is_a_type_error():
         SparsifyTransform(norm())(torch.randn(4, 8).to_sparse())
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("update", ["every_batch", "frozen"])
+def test_a_nested_tensor_entry_is_a_type_error_and_fits_nothing(update):
+    nested = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)])  # strided layout
+    transform = SparsifyTransform(norm(), update=update)
+    with pytest.raises(TypeError, match=r"nested tensor.*to_padded_tensor"):
+        transform({"a": torch.randn(4, 8), "b": nested})
+    assert not transform.sparsifier.data_groups
+
+
 def as_worker(transform):
     """The transform as a worker process that shares its masks sees it."""
     transform._version._writer = -1
