@@ -28,6 +28,7 @@ __all__ = ["SparsifyTransform", "TRANSFORM_STATE_FORMAT", "entry_mask_names"]
 TRANSFORM_STATE_FORMAT = "pipesparse.transform/1"
 _UPDATES = ("every_batch", "frozen")
 _MASK_OVER = ("batch", "features")
+_SUMMED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # mean |x| in own dtype
 
 
 def entry_mask_names(name: str, paths: list[tuple[Any, ...]]) -> list[str]:
@@ -416,12 +417,9 @@ class SparsifyTransform:
                 f"the entry for {name!r} has no rows (shape {tuple(tensor.shape)}): a mask over "
                 f"features (update={self.update!r}) is fitted on a batch with at least one row"
             )
-        if tensor.dtype == torch.bool:  # |x| of a flag is itself (torch has no bool abs)
-            tensor = tensor.float()
-        magnitude = tensor.abs()
-        if not magnitude.is_floating_point():
-            magnitude = magnitude.float()
-        return magnitude.mean(dim=0, keepdim=True)
+        if tensor.dtype not in _SUMMED and not tensor.is_complex():
+            tensor = tensor.float()  # before abs(): int8's abs(-128) is -128, and torch has no
+        return tensor.abs().mean(dim=0, keepdim=True)  # abs or mean for bool, uint16, float8
 
     def _mask_for(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The mask of ``name``, checked against the batch entry it is to multiply."""

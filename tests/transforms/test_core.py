@@ -125,6 +125,24 @@ def test_apply_in_place_refused_for_one_entry_writes_no_other_entry(mask_over, b
 
 
 @pytest.mark.parametrize("update", ["every_batch", "frozen"])
+@pytest.mark.parametrize(
+    "dtype", [torch.int8, torch.int16, torch.int64, torch.uint16, torch.uint32, torch.float8_e4m3fn]
+)
+def test_features_of_any_real_dtype_are_ranked_by_their_true_magnitude(update, dtype):
+    info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+    x = torch.ones(4, 8, dtype=torch.float64)
+    x[:, :4] = torch.tensor([[info.min], [info.max]]).repeat(2, 4)  # features 0-3 are large;
+    x = x.to(dtype)  # for int8 |-128| is 128, though int8's abs() gives -128 back
+    transform = SparsifyTransform(norm(), keys="x", update=update, mask_over="features")
+    out = transform({"x": x})["x"]
+    assert out.dtype == dtype
+    assert torch.equal(
+        transform.sparsifier.get_mask("batch"), torch.tensor([[1.0] * 4 + [0.0] * 4])
+    )
+    assert torch.equal(out.float()[:, :4], x.float()[:, :4]) and (out.float()[:, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("update", ["every_batch", "frozen"])
 def test_a_bool_entry_is_masked_over_features_by_its_share_of_true(update):
     flags = torch.zeros(4, 8, dtype=torch.bool)
     flags[:, 4:] = True  # features 4-7 are always True: their mean |x| is 1, the others' 0
