@@ -443,7 +443,8 @@ class BaseDataSparsifier(abc.ABC):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore masks, configs, data and squashed status. Validated whole before anything
         changes. ``strict=False`` keeps names that the state does not mention. A mask that
-        already exists with the same shape is overwritten in place (shared memory stays shared);
+        already exists with the same shape and dtype is overwritten in place (shared memory
+        stays shared; one of another dtype is replaced, so no loaded value is truncated);
         a name the state has no data for keeps the data it has, if the loaded mask and config fit
         it. torch.ao's format loads too."""
         entries = self._parse_state(state_dict)
@@ -453,7 +454,7 @@ class BaseDataSparsifier(abc.ABC):
                 self._squashed.discard(name)
         for name, (mask, dtype, config, data, squashed) in entries.items():
             current = self.state.get(name, {}).get("mask")
-            if current is not None and current.shape == mask.shape:
+            if current is not None and current.shape == mask.shape and current.dtype == dtype:
                 current.copy_(mask.to(current.device))
             else:  # a copy: two sparsifiers loaded from one state must not share a mask
                 device = (
