@@ -33,6 +33,9 @@ _MASK_DTYPES = {
         torch.int16,
         torch.int32,
         torch.int64,
+        torch.uint16,  # a mask has its data's dtype: unsigned data gives unsigned masks
+        torch.uint32,
+        torch.uint64,
         torch.float16,
         torch.bfloat16,
         torch.float32,

@@ -237,6 +237,20 @@ def test_integer_mask_dtype_is_restored():
     assert t.get_data("x", return_original=False).tolist() == [5, 0, -7]
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_integer_data_state_loads_back(dtype, tmp_path):
+    """Unsigned data gets a mask of its dtype; the state it writes must load back (it was a
+    CorruptStateError: 'unknown mask dtype torch.uint32')."""
+    x = torch.tensor([[5, 1, 7, 0], [2, 9, 3, 4]]).to(dtype)
+    s = DataNormSparsifier([("x", x)], sparsity_level=0.5, sparse_block_shape=(1, 2))
+    s.step()
+    torch.save(s.state_dict(), tmp_path / "s.pt")
+    t = DataNormSparsifier()
+    t.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    _assert_equivalent(s, t)
+    assert t.get_mask("x").dtype == dtype
+
+
 # -- torch.ao's format ----------------------------------------------------------------------------
 def test_loads_a_real_torch_ao_state_dict():
     from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as Reference
