@@ -140,13 +140,18 @@ def _write_masked(data: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> 
             out.copy_(apply_mask(data, mask))
 
 
+def _shares_entries(tensor: torch.Tensor) -> bool:
+    """Whether some entries of ``tensor`` are one memory location (a dim of stride 0, as
+    ``expand`` makes; torch's own test), so that torch refuses to write into it. Empty tensors
+    have no entries to share, whatever their strides."""
+    return tensor.numel() > 0 and any(
+        stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+
+
 def _check_writable(name: str, data: torch.Tensor) -> None:
-    """Raise when torch refuses to write into ``data`` in place: some of its entries are one
-    memory location (a dim of stride 0, as ``expand`` makes; torch's own test). Empty data
-    has no entries to share, whatever its strides."""
-    if data.numel() > 0 and any(
-        stride == 0 and size > 1 for size, stride in zip(data.shape, data.stride(), strict=True)
-    ):
+    """Raise when torch refuses to write into ``data`` in place (:func:`_shares_entries`)."""
+    if _shares_entries(data):
         raise ValueError(
             f"cannot write the mask of {name!r} into its data: entries of the data share memory "
             f"(shape {tuple(data.shape)}, strides {data.stride()}, e.g. an expand()); register "
@@ -361,6 +366,17 @@ class BaseDataSparsifier(abc.ABC):
                 raise ValueError(
                     f"masked_out[{name!r}] must be a tensor of the data's shape "
                     f"{tuple(data.shape)}, got {shape}"
+                )
+            if out.device != data.device:
+                raise ValueError(
+                    f"masked_out[{name!r}] is on device {out.device}; the data of {name!r} is on "
+                    f"{data.device}, where its masked data is written"
+                )
+            if _shares_entries(out):
+                raise ValueError(
+                    f"masked_out[{name!r}] cannot be written: entries of it share memory (shape "
+                    f"{tuple(out.shape)}, strides {out.stride()}, e.g. an expand()); pass a "
+                    "tensor with its own memory for every entry"
                 )
 
     def _update_mask_and_masked(

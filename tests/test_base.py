@@ -396,6 +396,26 @@ def test_bad_masked_out_is_a_clear_error_before_any_mask_changes(masked_out, err
     assert torch.equal(s.get_mask("x"), torch.ones(2, 2))
 
 
+@pytest.mark.parametrize("rule", [ZeroNegativeIndexing, DataNormSparsifier])
+@pytest.mark.parametrize(
+    "make_out,match",
+    [
+        (lambda data: data, r"masked_out\['x'\].*share memory"),  # in place, data expanded
+        (lambda data: torch.empty(4, 1).expand(4, 8), r"masked_out\['x'\].*share memory"),
+        (lambda data: torch.empty(4, 8, device="meta"), r"masked_out\['x'\].*device meta"),
+    ],
+)
+def test_masked_out_that_cannot_be_written_is_a_clear_error_before_any_mask_changes(
+    rule, make_out, match, unchanged
+):
+    """An ``out`` whose entries share memory (an expand(), also the expanded data itself) or
+    that lives on another device: torch's RuntimeError came after the first names' masks."""
+    data = torch.randn(1, 8).expand(4, 8)
+    s = rule([("a", torch.randn(4, 8)), ("x", data)])
+    with unchanged(s), pytest.raises(ValueError, match=match):
+        s.step(masked_out={"x": make_out(data)})
+
+
 def test_masked_out_naming_a_squashed_name_is_a_clear_error():
     s = ZeroNegativeIndexing([("x", torch.randn(2, 2)), ("z", torch.randn(2))])
     s.squash_mask(names=["z"])
