@@ -276,6 +276,17 @@ class BaseDataSparsifier(abc.ABC):
         if name not in self.data_groups:
             raise UnknownDataError(name, list(self.data_groups))
 
+    def _check_fits(self, name: str, data: torch.Tensor) -> None:
+        """Raise when attached data no longer fits its mask: resized in place since it was
+        registered (``data.data = ...``, ``resize_``)."""
+        mask = self.state[name]["mask"]
+        if data.shape != mask.shape:
+            raise ValueError(
+                f"the data of {name!r} now has shape {tuple(data.shape)}, but its mask has shape "
+                f"{tuple(mask.shape)} (the data was resized in place since add_data); register "
+                f"it again: add_data({name!r}, data, reuse_mask=False)"
+            )
+
     def get_mask(self, name: str) -> torch.Tensor:
         """The live mask of ``name`` (edits to it take effect)."""
         self._require(name)
@@ -295,7 +306,10 @@ class BaseDataSparsifier(abc.ABC):
                     f"mask of {name!r} was squashed: the original data no longer exists"
                 )
             return data
-        return data if return_original else apply_mask(data, self.state[name]["mask"])
+        if return_original:
+            return data
+        self._check_fits(name, data)
+        return apply_mask(data, self.state[name]["mask"])
 
     def _forget(self, names: Iterable[str]) -> None:
         """Drop ``names`` with their data, masks and configs: for a copy that must not carry
@@ -346,6 +360,7 @@ class BaseDataSparsifier(abc.ABC):
         for name, config in self.data_groups.items():
             data = self._data[name]
             if data is not None and name not in self._squashed:
+                self._check_fits(name, data)
                 try:
                     self._validate_config(config)
                     self._validate_data(name, data, config)
@@ -361,6 +376,7 @@ class BaseDataSparsifier(abc.ABC):
             if data is None or name in self._squashed:
                 state = "is squashed" if data is not None else "has no data attached"
                 raise ValueError(f"masked_out names {name!r}, which {state}: nothing to mask")
+            self._check_fits(name, data)
             if not isinstance(out, torch.Tensor) or out.shape != data.shape:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(
@@ -429,6 +445,7 @@ class BaseDataSparsifier(abc.ABC):
             self._require(name)
             data = self._data[name]
             if leave_parametrized and name not in self._squashed and data is not None:
+                self._check_fits(name, data)
                 _check_writable(name, data)
         with torch.no_grad():
             for name in names:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -244,6 +245,34 @@ def test_a_config_edited_into_an_invalid_one_fails_the_step_before_any_mask_chan
     with unchanged(s), pytest.raises(ValueError, match="'b'.*zeros_per_block=5"):
         s.step()
     assert s._step_count == 0
+
+
+@pytest.mark.parametrize("rule", [ZeroNegativeIndexing, DataNormSparsifier, ThresholdSparsifier])
+@pytest.mark.parametrize(
+    "resize", [lambda x: setattr(x, "data", torch.randn(5, 8)), lambda x: x.resize_(2, 8)]
+)
+def test_data_resized_after_add_data_is_a_clear_error_before_any_mask_changes(
+    rule, resize, unchanged
+):
+    """Data is attached: a tensor resized since add_data (``x.data = bigger``, ``resize_``) no
+    longer fits its mask. step() raised torch's RuntimeError after the names before it had
+    their new masks; get_data and squash_mask a RuntimeError of broadcasting."""
+    x = torch.randn(4, 8)
+    s = rule([("a", torch.randn(4, 8)), ("x", x)])
+    resize(x)
+    shapes = rf"'x'.*shape {re.escape(str(tuple(x.shape)))}.*mask has shape \(4, 8\).*reuse_mask"
+    with unchanged(s):
+        with pytest.raises(ValueError, match=shapes):
+            s.step()
+        with pytest.raises(ValueError, match=shapes):
+            s.step(masked_out={"x": x})
+        with pytest.raises(ValueError, match=shapes):
+            s.squash_mask()
+        with pytest.raises(ValueError, match=shapes):
+            s.get_data("x", return_original=False)
+    s.add_data("x", x, reuse_mask=False)  # the way out the message names
+    s.step()
+    assert s.get_mask("x").shape == x.shape
 
 
 def test_step_does_nothing_when_mask_update_is_disabled():
