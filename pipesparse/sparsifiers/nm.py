@@ -111,6 +111,11 @@ class NMSparsifier(BaseDataSparsifier):
     def _validate_data(self, name: str, data: torch.Tensor, config: Mapping[str, Any]) -> None:
         if data.dtype == torch.bool or data.is_complex():
             raise TypeError(f"NMSparsifier ranks real magnitudes; {name!r} has dtype {data.dtype}")
+        if self.semi_structured and (config["n"], config["m"]) != (2, 4):
+            raise ValueError(
+                f"semi_structured needs 2:4 sparsity; {name!r} is configured "
+                f"{config['n']}:{config['m']}"
+            )
         if data.dim() == 0:
             raise ValueError(f"N:M sparsity needs at least one dim; {name!r} is a scalar")
         if data.shape[-1] % config["m"]:

@@ -253,6 +253,20 @@ def test_semi_structured_needs_two_four():
         sparsifier.add_data("x", torch.randn(2, 8), n=1)
 
 
+def test_semi_structured_refusing_a_per_name_config_registers_nothing(unchanged):
+    """The refusal came after the name was registered with its 1:4 config (a failed add_data
+    left it there, and a name registered before got the 1:4 config)."""
+    sparsifier = NMSparsifier(semi_structured=True)
+    sparsifier.add_data("y", torch.randn(2, 8))
+    with unchanged(sparsifier):
+        with pytest.raises(ValueError, match="'x' is configured 1:4"):
+            sparsifier.add_data("x", torch.randn(2, 8), n=1)
+        with pytest.raises(ValueError, match="'y' is configured 2:8"):
+            sparsifier.add_data("y", torch.randn(2, 8), m=8)
+    assert list(sparsifier.data_groups) == ["y"]
+    assert sparsifier.data_groups["y"] == {"n": 2, "m": 4}
+
+
 def test_semi_structured_on_cpu_warns_once_and_returns_dense():
     data = torch.randn(32, 64).half()
     sparsifier = NMSparsifier(semi_structured=True)
