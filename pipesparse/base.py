@@ -418,6 +418,13 @@ class BaseDataSparsifier(abc.ABC):
             if out is not None and not written:
                 _write_masked(data, mask, out)
             return
+        if not isinstance(new, torch.Tensor):
+            self.state[name]["mask"] = mask
+            mask.data = storage
+            raise TypeError(
+                f"update_mask for {name!r} stored a {type(new).__name__} as its mask; a mask is "
+                f"a tensor of the data's shape {tuple(storage.shape)}"
+            )
         if new.shape != storage.shape:
             produced = tuple(new.shape)
             self.state[name]["mask"] = mask

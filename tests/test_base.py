@@ -300,6 +300,22 @@ def test_every_way_of_editing_the_mask_takes_effect(rule):
     assert torch.equal(s.add_data("x", x), x * expected)
 
 
+class NotATensor(BaseDataSparsifier):
+    def update_mask(self, name, data, **config):
+        self.state[name]["mask"] = (data > 0).tolist()
+
+
+def test_rule_that_stores_a_mask_that_is_not_a_tensor_is_an_error_and_keeps_the_mask():
+    """An AttributeError ('list' object has no attribute 'shape') left the list in the state,
+    so every later state_dict() failed too."""
+    s = NotATensor([("x", torch.randn(2, 3))])
+    mask = s.get_mask("x")
+    with pytest.raises(TypeError, match=r"update_mask for 'x' stored a list.*tensor"):
+        s.step()
+    assert s.get_mask("x") is mask and torch.equal(mask, torch.ones(2, 3))
+    assert torch.equal(s.state_dict()["state"]["x"]["mask"], torch.ones(2, 3, dtype=torch.bool))
+
+
 def test_rule_that_changes_the_mask_shape_is_an_error_and_keeps_the_mask():
     s = WrongShape([("x", torch.randn(2, 3))])
     mask = s.get_mask("x")
