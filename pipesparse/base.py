@@ -446,8 +446,15 @@ class BaseDataSparsifier(abc.ABC):
         written into the data itself, so the user's tensor (an embedding's weight) ends up sparse."""
         if names is None:
             names = list(self.data_groups)
+        elif isinstance(names, str):
+            names = [names]
+        elif isinstance(names, Iterable) and not isinstance(names, torch.Tensor):
+            names = list(names)
         else:
-            names = [names] if isinstance(names, str) else list(names)
+            raise TypeError(
+                "squash_mask takes the names to squash: a str, an iterable of them or None "
+                f"(all), got {type(names).__name__}"
+            )
         for name in names:
             self._require(name)
             data = self._data[name]

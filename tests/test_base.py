@@ -553,6 +553,14 @@ def test_squash_mask_with_a_positional_list_squashes_only_those_names():
     assert s.is_squashed("a") and not s.is_squashed("b")
 
 
+@pytest.mark.parametrize("names", [3, 1.5, torch.tensor(1)])
+def test_squash_mask_with_names_that_are_not_names_is_a_clear_type_error(names, unchanged):
+    """Was Python's bare "'int' object is not iterable"."""
+    s = ZeroNegativeIndexing([("a", torch.tensor([-1.0]))])
+    with unchanged(s), pytest.raises(TypeError, match=r"squash_mask.*names.*a str.*got"):
+        s.squash_mask(names)
+
+
 def test_re_adding_a_squashed_name_masks_it_again():
     s = ZeroNegativeIndexing([("a", torch.tensor([1.0, -1.0]))])
     s.squash_mask(leave_parametrized=False)
