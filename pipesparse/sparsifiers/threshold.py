@@ -43,7 +43,33 @@ class ThresholdSparsifier(BaseDataSparsifier):
             )
 
     def update_mask(self, name: str, data: torch.Tensor, threshold: float, **kwargs: Any) -> None:  # type: ignore[override]
-        # Not `data.abs()`: it overflows at the most negative integer (int8 -128 stays -128). A
-        # float bound also keeps `-threshold` from wrapping around in unsigned dtypes.
+        # Not `data.abs()`: it overflows at the most negative integer (int8 -128 stays -128)
+        if not data.is_floating_point():
+            self.get_mask(name).copy_(_integers_kept(data, threshold))
+            return
         bound = float(threshold)
         self.get_mask(name).copy_((data >= bound) | (data <= -bound))
+
+
+def _integers_kept(data: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``|x| >= threshold`` for integer data, exactly: a float bound would promote the data to
+    float32 (2**24 would pass a threshold of 2**24 + 1). For an integer, ``|x| >= t`` is
+    ``|x| >= ceil(t)``; bounds outside the dtype's range are left out rather than wrapped, and
+    unsigned dtypes without CPU comparisons are compared as int64."""
+    if threshold <= 0 or math.isinf(threshold):
+        fill = torch.ones if threshold <= 0 else torch.zeros
+        return fill(data.shape, dtype=torch.bool, device=data.device)
+    bound = int(threshold) if isinstance(threshold, numbers.Integral) else math.ceil(threshold)
+    if data.dtype == torch.uint64:  # flipping the sign bit orders it as int64
+        if bound > torch.iinfo(torch.uint64).max:
+            return torch.zeros(data.shape, dtype=torch.bool, device=data.device)
+        return torch.bitwise_xor(data.view(torch.int64), -(2**63)) >= bound - 2**63
+    if data.dtype in (torch.uint16, torch.uint32):
+        data = data.to(torch.int64)
+    info = torch.iinfo(data.dtype)
+    keep = (
+        data >= bound
+        if bound <= info.max
+        else torch.zeros(data.shape, dtype=torch.bool, device=data.device)
+    )
+    return keep | (data <= -bound) if -bound >= info.min else keep

@@ -74,6 +74,34 @@ def test_integer_data_including_the_most_negative_value(dtype, values, expected)
     assert out.dtype == dtype and out.tolist() == expected
 
 
+@pytest.mark.parametrize(
+    "dtype, values, threshold",
+    [
+        (torch.int32, [2**24, 2**24 + 1, -(2**24) - 1, -(2**24), 5], 2**24 + 1),
+        (torch.int32, [2**24, 2**24 + 1, -(2**24) - 1, 3], 2**24 + 0.5),
+        (torch.int64, [2**62, 2**62 + 1, -(2**62) - 1, -(2**62)], 2**62 + 1),
+        (torch.int64, [2**53, 2**53 + 1, -(2**63), 2**63 - 1], 2**53 + 1),
+        (torch.int8, [-128, 127, -127, 5], 128),
+        (torch.int8, [-128, 127, -127, 5], 200),
+        (torch.uint8, [255, 254, 0], 255),
+        (torch.uint16, [2**16 - 1, 2**16 - 2, 0], 2**16 - 1),
+        (torch.uint32, [2**24, 2**24 + 1, 2**32 - 1, 0], 2**24 + 1),
+        (torch.uint64, [2**63 + 1, 2**63, 2**62, 2**64 - 1], 2**63 + 1),
+        (torch.int32, [2**31 - 1, -(2**31), 0], math.inf),
+        (torch.int32, [2**31 - 1, -(2**31), 0], -math.inf),
+    ],
+)
+def test_integer_data_is_compared_with_the_threshold_exactly(dtype, values, threshold):
+    """|x| < threshold was compared in float32 (a float bound promotes integer data), so values
+    within float32's rounding of a threshold above 2**24 were kept (2**24 for 2**24 + 1)."""
+    x = torch.tensor(values, dtype=torch.int64 if dtype != torch.uint64 else torch.uint64)
+    x = x.to(dtype) if dtype != torch.uint64 else x
+    s = ThresholdSparsifier([("x", x)], threshold=threshold)
+    s.step()
+    expected = [1.0 if abs(v) >= threshold else 0.0 for v in values]
+    assert s.get_mask("x").to(torch.float64).tolist() == expected
+
+
 @given(
     values=st.lists(st.floats(-10, 10, width=32), min_size=1, max_size=20),
     threshold=st.floats(-1, 10),
