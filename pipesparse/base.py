@@ -40,16 +40,27 @@ _MASK_DTYPES = {
         torch.bfloat16,
         torch.float32,
         torch.float64,
+        # float8 holds 0 and 1 exactly (float8_e8m0fnu, powers of two only, has no 0)
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.float8_e4m3fnuz,
+        torch.float8_e5m2fnuz,
     )
 }
+
+
+# a mask has its data's dtype, so data must be of a dtype a mask may have (and a state load)
+_DATA_DTYPES = frozenset(_MASK_DTYPES.values())
 
 
 def _as_tensor(name: str, data: Any) -> torch.Tensor:
     """The tensor behind ``data``: itself, or an embedding's weight (attached, not copied)."""
     if isinstance(data, _EMBEDDING_TYPES):
+        _check_dtype(name, data.weight)
         return data.weight
     if isinstance(data, torch.Tensor):
         _check_layout(name, data)
+        _check_dtype(name, data)
         return data
     raise TypeError(
         f"data for {name!r} has unsupported type {type(data).__name__}; accepted: torch.Tensor, "
@@ -63,6 +74,16 @@ def _check_layout(name: str, data: torch.Tensor) -> None:
         raise TypeError(
             f"data for {name!r} has layout {data.layout}; accepted: dense (torch.strided) "
             "tensors (convert it with .to_dense())"
+        )
+
+
+def _check_dtype(name: str, data: torch.Tensor) -> None:
+    """Masks have the data's dtype: data of a dtype no mask may have (complex, float4,
+    float8_e8m0fnu) is refused before anything is registered (rules could not read it, nor a
+    state load it)."""
+    if data.dtype not in _DATA_DTYPES:
+        raise TypeError(
+            f"data for {name!r} has dtype {data.dtype}; accepted: {', '.join(_MASK_DTYPES)}"
         )
 
 
@@ -105,8 +126,14 @@ def data_names(qualified: Iterable[str]) -> list[str]:
     return names
 
 
+def _float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
 def apply_mask(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``data * mask`` in the data's own dtype (a float mask must not promote float16 data)."""
+    if _float8(data.dtype):  # CPU multiplies float8 only by float8, and not 0-d: in float32,
+        return (data.float() * mask.float()).to(data.dtype)  # which holds it exactly
     out = data * mask_like(data, mask)
     return out if out.dtype == data.dtype else out.to(data.dtype)
 
@@ -134,9 +161,11 @@ def _write_masked(data: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> 
     """``out`` = :func:`apply_mask` ``(data, mask)``, into ``out`` (which may be ``data``)."""
     with torch.no_grad():
         mask = mask_like(data, mask)
-        if torch.can_cast(torch.result_type(data, mask), out.dtype):
+        if not (_float8(data.dtype) or _float8(out.dtype)) and torch.can_cast(
+            torch.result_type(data, mask), out.dtype
+        ):
             torch.mul(data, mask, out=out)
-        else:  # integer data, soft mask: the product is a float, cast back as apply_mask does
+        else:  # integer data and a soft mask (a float product, cast back as apply_mask does); float8
             out.copy_(apply_mask(data, mask))
 
 
@@ -605,6 +634,7 @@ class BaseDataSparsifier(abc.ABC):
                     )
                 try:
                     _check_layout(name, data)
+                    _check_dtype(name, data)
                     self._validate_data(name, data, config)
                 except (TypeError, ValueError) as err:
                     raise CorruptStateError(f"state_dict data for {name!r}: {err}") from None

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from pipesparse import CorruptStateError, DataNormSparsifier, ThresholdSparsifier, UnknownDataError
+from pipesparse import (
+    CorruptStateError,
+    DataNormSparsifier,
+    NMSparsifier,
+    ThresholdSparsifier,
+    UnknownDataError,
+)
 
 
 def test_unknown_data_error_is_a_key_error_and_a_value_error():
@@ -147,3 +153,56 @@ def test_unknown_name_changes_nothing(call, unchanged):
             s.squash_mask(names=["nope"])
         else:
             getattr(s, call)("nope")
+
+
+@pytest.mark.parametrize("rule", [DataNormSparsifier, ThresholdSparsifier, NMSparsifier])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_data_is_masked_and_its_state_loads_back(rule, dtype, tmp_path):
+    """float8 data was registered, but ThresholdSparsifier's and NMSparsifier's step() raised
+    NotImplementedError (no CPU comparisons or sort) after the names before it had new masks,
+    and the state DataNormSparsifier wrote was refused by its own load_state_dict."""
+    x = torch.tensor([[0.5, -4.0, 0.25, 2.0, 8.0, -0.125, 1.0, -3.0]]).to(dtype)
+    s = rule(
+        [("a", torch.randn(4, 8)), ("x", x)],
+        **({"threshold": 1.0} if rule is ThresholdSparsifier else {}),
+    )
+    s.step()
+    mask = s.get_mask("x")
+    assert mask.dtype == dtype
+    expected = {
+        DataNormSparsifier: [0, 0, 0, 0, 1, 1, 1, 1],
+        ThresholdSparsifier: [0, 1, 0, 1, 1, 0, 1, 1],
+        NMSparsifier: [0, 1, 0, 1, 1, 0, 0, 1],
+    }[rule]
+    assert mask.float().view(-1).tolist() == expected
+    out = torch.empty_like(x)
+    s.step(masked_out={"x": out})
+    assert torch.equal(out.float(), x.float() * mask.float())
+    torch.save(s.state_dict(), tmp_path / "s.pt")
+    t = rule()
+    t.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert t.get_mask("x").dtype == dtype and torch.equal(t.get_mask("x"), mask)
+    t.squash_mask()
+    assert torch.equal(t.get_data("x", return_original=False).float(), out.float())
+    s.add_data("i", torch.arange(8).view(1, 8))  # an int64 mask, then reused for float8 data
+    assert torch.equal(s.add_data("i", x).float(), x.float())
+    if rule is not NMSparsifier:  # 0-d float8: no CPU multiply either
+        s.add_data("z", torch.tensor(2.0).to(dtype))
+        s.step()
+        assert s.get_data("z", return_original=False).float().item() in (0.0, 2.0)
+
+
+@pytest.mark.parametrize("rule", [DataNormSparsifier, ThresholdSparsifier, NMSparsifier])
+@pytest.mark.parametrize("dtype", [torch.float8_e8m0fnu, torch.complex64])
+def test_data_of_a_dtype_masks_cannot_have_is_a_type_error_that_changes_nothing(
+    rule, dtype, unchanged
+):
+    """A mask has its data's dtype: one without 0 (float8_e8m0fnu) or complex cannot be one."""
+    s = rule([("a", torch.randn(4, 8))])
+    s.step()
+    with unchanged(s), pytest.raises(TypeError, match=rf"'x' has dtype {dtype}"):
+        s.add_data("x", torch.ones(4, 8).to(dtype))
+    sd = s.state_dict()
+    sd["data"]["a"] = sd["data"]["a"].to(dtype)
+    with unchanged(s), pytest.raises(CorruptStateError, match=rf"'a'.*dtype {dtype}"):
+        s.load_state_dict(sd)
