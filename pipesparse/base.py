@@ -522,8 +522,9 @@ class BaseDataSparsifier(abc.ABC):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore masks, configs, data and squashed status. Validated whole before anything
         changes. ``strict=False`` keeps names that the state does not mention. A mask that
-        already exists with the same shape and dtype is overwritten in place (shared memory
-        stays shared; one of another dtype is replaced, so no loaded value is truncated);
+        already exists with the same shape is overwritten in place (shared memory stays
+        shared) when its dtype holds the loaded values exactly (the saved dtype, or any 0/1
+        mask), otherwise replaced by the loaded mask in its saved dtype;
         a name the state has no data for keeps the data it has, if the loaded mask and config fit
         it. torch.ao's format loads too."""
         entries = self._parse_state(state_dict)
@@ -533,7 +534,7 @@ class BaseDataSparsifier(abc.ABC):
                 self._squashed.discard(name)
         for name, (mask, dtype, config, data, squashed) in entries.items():
             current = self.state.get(name, {}).get("mask")
-            if current is not None and current.shape == mask.shape and current.dtype == dtype:
+            if _overwrites(current, mask, dtype):
                 current.copy_(mask.to(current.device))
             else:  # a copy: two sparsifiers loaded from one state must not share a mask
                 device = (
@@ -667,6 +668,18 @@ class BaseDataSparsifier(abc.ABC):
             lines.append(f"\t    name: {name}")
             lines.extend(f"\t    {key}: {config[key]}" for key in sorted(config))
         return "\n".join(lines) + "\n)"
+
+
+def _overwrites(current: torch.Tensor | None, mask: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a load writes ``mask`` into the existing ``current`` in place: same shape, and
+    a dtype that holds the loaded values exactly (the saved one, or any for a 0/1 mask; a soft
+    0.5 copied into an integer mask would become 0). In place keeps a mask in shared memory
+    shared with the DataLoader workers that read it."""
+    return (
+        current is not None
+        and current.shape == mask.shape
+        and (current.dtype == dtype or _zero_one(mask))
+    )
 
 
 def _from_reference_format(sd: Mapping[str, Any]) -> dict[str, Any]:

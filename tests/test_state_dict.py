@@ -141,14 +141,16 @@ def test_load_copies_into_an_existing_mask_in_place():
     assert torch.equal(mask, s.get_mask("a"))
 
 
-def test_load_over_a_mask_of_another_dtype_restores_the_saved_mask_and_dtype():
+def test_load_over_a_mask_of_another_dtype_never_truncates_and_keeps_0_1_masks_in_place():
     """An existing mask of the same shape but another dtype must not truncate the loaded one
-    (a soft 0.5 copied into an int64 mask became 0) nor keep its own dtype."""
+    (a soft 0.5 copied into an int64 mask became 0): it is replaced. A 0/1 mask, exact in
+    every dtype, is written in place (a mask in shared memory must stay shared)."""
     s = ThresholdSparsifier([("x", torch.randn(3)), ("h", torch.randn(2, 4, dtype=torch.float16))])
     s.step()
     s.get_mask("x").copy_(torch.tensor([0.5, 1.0, 0.0]))
     sd = s.state_dict()
     t = ThresholdSparsifier([("x", torch.arange(3)), ("h", torch.randn(2, 4))])
+    live = t.get_mask("h")
     t.load_state_dict(sd)
     assert t.get_mask("x").dtype == torch.float32
     assert t.get_mask("x").tolist() == [0.5, 1.0, 0.0]
@@ -156,8 +158,8 @@ def test_load_over_a_mask_of_another_dtype_restores_the_saved_mask_and_dtype():
         t.get_data("x", return_original=False).tolist()
         == (s.get_data("x") * sd["state"]["x"]["mask"]).tolist()
     )
-    assert t.get_mask("h").dtype == torch.float16
-    assert torch.equal(t.get_mask("h"), s.get_mask("h"))
+    assert t.get_mask("h").dtype == torch.float32 and t.get_mask("h") is live
+    assert torch.equal(t.get_mask("h"), s.get_mask("h").float())
 
 
 def test_loading_a_state_without_data_keeps_the_attached_data_or_has_none():
