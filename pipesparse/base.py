@@ -19,7 +19,14 @@ from torch import nn
 
 from pipesparse.errors import CorruptStateError, UnknownDataError
 
-__all__ = ["BaseDataSparsifier", "STATE_FORMAT", "apply_mask", "data_names", "mask_like"]
+__all__ = [
+    "BaseDataSparsifier",
+    "STATE_FORMAT",
+    "apply_mask",
+    "data_names",
+    "mask_like",
+    "shares_entries",
+]
 
 STATE_FORMAT = "pipesparse.data_sparsifier/1"
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
@@ -169,7 +176,7 @@ def _write_masked(data: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> 
             out.copy_(apply_mask(data, mask))
 
 
-def _shares_entries(tensor: torch.Tensor) -> bool:
+def shares_entries(tensor: torch.Tensor) -> bool:
     """Whether some entries of ``tensor`` are one memory location (a dim of stride 0, as
     ``expand`` makes; torch's own test), so that torch refuses to write into it. Empty tensors
     have no entries to share, whatever their strides."""
@@ -179,8 +186,8 @@ def _shares_entries(tensor: torch.Tensor) -> bool:
 
 
 def _check_writable(name: str, data: torch.Tensor) -> None:
-    """Raise when torch refuses to write into ``data`` in place (:func:`_shares_entries`)."""
-    if _shares_entries(data):
+    """Raise when torch refuses to write into ``data`` in place (:func:`shares_entries`)."""
+    if shares_entries(data):
         raise ValueError(
             f"cannot write the mask of {name!r} into its data: entries of the data share memory "
             f"(shape {tuple(data.shape)}, strides {data.stride()}, e.g. an expand()); register "
@@ -417,7 +424,7 @@ class BaseDataSparsifier(abc.ABC):
                     f"masked_out[{name!r}] is on device {out.device}; the data of {name!r} is on "
                     f"{data.device}, where its masked data is written"
                 )
-            if _shares_entries(out):
+            if shares_entries(out):
                 raise ValueError(
                     f"masked_out[{name!r}] cannot be written: entries of it share memory (shape "
                     f"{tuple(out.shape)}, strides {out.stride()}, e.g. an expand()); pass a "

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from pipesparse.base import BaseDataSparsifier, apply_mask, data_names, mask_like
+from pipesparse.base import (
+    BaseDataSparsifier,
+    apply_mask,
+    data_names,
+    mask_like,
+    shares_entries,
+)
 from pipesparse.errors import CorruptStateError
 from pipesparse.transforms import _structure
 from pipesparse.transforms._mask_version import MaskVersion
@@ -94,14 +100,6 @@ def _private(ready: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``ready`` (the mask as the multiply takes it), a copy if it is the shared mask itself: an
     in-place multiply cannot be redone if the mask changed under it."""
     return ready.clone() if ready is mask else ready
-
-
-def _self_overlapping(tensor: torch.Tensor) -> bool:
-    """Whether elements of ``tensor`` are one memory location (a dim of stride 0, as
-    ``expand`` makes): torch refuses to write into it in place."""
-    return tensor.numel() > 1 and any(
-        stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
-    )
 
 
 def _normal_mode() -> AbstractContextManager[Any]:
@@ -209,7 +207,7 @@ class SparsifyTransform:
             in_place = len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
         if in_place:  # nor can torch write an entry whose elements share memory (an expand()),
             in_place = not any(  # nor an inference tensor, outside inference mode (see _fit)
-                _self_overlapping(t) or t.is_inference() for t in tensors
+                shares_entries(t) or t.is_inference() for t in tensors
             )
         fit = self._names_to_fit(names, tensors)
         if self.persistent and self._version.elsewhere:  # (where it never fits)
