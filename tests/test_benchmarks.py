@@ -74,3 +74,40 @@ def test_shards_prints_the_copy_and_both_local_cases(run_script):
     }
     for cells in rows.values():
         assert all(number(c) > 0 for c in cells), cells
+
+
+def test_shards_share_of_copy_is_the_median_of_each_rounds_pair(monkeypatch, capsys):
+    """'% of copy' pairs each case with the copy of the same round (as the README says of every
+    ratio), so a slow spell of the machine that slows one round does not skew it."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("bench_shards", BENCHMARKS / "shards.py")
+    shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shards)
+    common = sys.modules["_common"]
+    clock = [0.0]
+    # seconds of each run: warm-up, then three rounds; the copy's slow round is per_row's fast one
+    durations = {"copy": [1, 1, 2, 4], "per_row": [1, 2, 1, 8], "frozen": [1, 1, 2, 4]}
+
+    def case(name):
+        def run():
+            clock[0] += durations[name].pop(0)
+
+        return run
+
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(shards, "write_shards", lambda folder: [])
+    monkeypatch.setattr(shards, "fit", lambda *args, **kwargs: None)
+    monkeypatch.setattr(shards, "copy_case", lambda paths, out, **kw: case("copy"))
+    monkeypatch.setattr(
+        shards,
+        "preprocess_case",
+        lambda paths, out, **kw: case("frozen" if "state" in kw else "per_row"),
+    )
+    shards.main(["--quick", "--no-ray"])
+    rows = table_rows(capsys.readouterr().out)
+    # pairs 1/2, 2/1, 4/8: median 50%; the ratio of the medians (2 / 2) would say 100%
+    assert rows["preprocess, local, a mask per row"][2] == "50%"
+    assert rows["preprocess, local, frozen mask (--state)"][2] == "100%"
+    assert rows["pyarrow read + write copy (baseline)"][2] == "100%"
