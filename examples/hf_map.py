@@ -7,7 +7,7 @@ import tempfile
 
 import numpy as np
 import torch
-from datasets import Dataset, Features, List, Value, load_from_disk
+from datasets import Dataset, Features, Sequence, Value, load_from_disk
 
 from pipesparse import DataNormSparsifier
 from pipesparse.transforms import SparsifyTransform, hf_map_fn
@@ -15,7 +15,7 @@ from pipesparse.transforms import SparsifyTransform, hf_map_fn
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    features = Features({"emb": List(Value("float32"), length=16), "label": Value("int64")})
+    features = Features({"emb": Sequence(Value("float32"), length=16), "label": Value("int64")})
     data = {"emb": rng.standard_normal((256, 16)).astype("float32"), "label": list(range(256))}
     with tempfile.TemporaryDirectory() as tmp:
         Dataset.from_dict(data, features=features).save_to_disk(f"{tmp}/ds")
