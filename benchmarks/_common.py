@@ -36,11 +36,6 @@ def round_times(cases: dict[str, Callable[[], object]], repeats: int) -> dict[st
     return times
 
 
-def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each case over :func:`round_times` rounds."""
-    return {name: statistics.median(v) for name, v in round_times(cases, repeats).items()}
-
-
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
     """Median over rounds of one case's time over another's in the same round: a slow spell of
     the machine slows both sides of a pair, so this moves less than a ratio of medians."""
