@@ -3,8 +3,9 @@
 A sparsified column holds one numeric array per row: ``list<float>`` or
 ``fixed_size_list<float>[D]`` rows are 1-D, nested lists are 2-D (or more). Every row of the
 column must have the same shape, in every shard; the shape comes from the type when it is
-fixed, else from the first row. Integer columns are computed in float64 (exact) and written
-back as integers; every column is written back with its own Arrow type.
+fixed, else from the first row. Integer columns are masked as integer tensors (as the
+sparsifiers rank and compare them: exactly) and written back as integers; every column is
+written back with its own Arrow type.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ __all__ = [
     "ColumnSpec",
     "check_column",
     "column_spec",
-    "exact_integers",
     "float_tensor",
     "from_tensor",
     "list_levels",
     "to_numpy",
     "to_tensor",
+    "writable_tensor",
 ]
 
 ACCEPTED = (
@@ -167,20 +168,18 @@ def to_tensor(
 
 
 def float_tensor(values: np.ndarray) -> torch.Tensor:
-    """A writable tensor of ``values`` to compute masks from: floats as they are, integers as
-    float64 (masks are applied to their exact values by :func:`exact_integers`)."""
+    """A writable tensor of ``values`` to sum magnitudes of: floats as they are, integers as
+    float64 (whose ``abs`` cannot overflow at the most negative integer)."""
     if np.issubdtype(values.dtype, np.integer):
         values = values.astype(np.float64)
+    return writable_tensor(values)
+
+
+def writable_tensor(values: np.ndarray) -> torch.Tensor:
+    """A writable tensor of ``values`` in their own dtype (a copy when Arrow's are read-only):
+    what masks are computed from and applied to. Integers stay integers, which the sparsifiers
+    rank and compare exactly (2**53 + 1 is 2**53 in float64)."""
     return torch.from_numpy(np.require(values, requirements="W"))
-
-
-def exact_integers(masked: torch.Tensor, values: np.ndarray) -> torch.Tensor:
-    """The integer ``values`` where ``masked`` (their float64 copy times the mask) is non-zero,
-    0 elsewhere: exactly the kept values, as int64 (uint64 bit for bit, which the cast back to
-    the column's type undoes). A non-zero integer never becomes 0.0 in float64, so ``masked``
-    is non-zero exactly where the mask keeps a non-zero value."""
-    exact = values.view(np.int64) if values.dtype == np.uint64 else values
-    return torch.where(masked != 0, torch.from_numpy(exact.astype(np.int64)), 0)
 
 
 def from_tensor(tensor: torch.Tensor, like: pa.DataType) -> pa.Array:

@@ -17,17 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from pipesparse.shards.columns import (
     ColumnSpec,
-    exact_integers,
-    float_tensor,
     from_tensor,
     list_levels,
     to_numpy,
+    writable_tensor,
 )
 from pipesparse.shards.config import SPARSIFIERS, make_sparsifier, sparsifier_class
 from pipesparse.shards.coo import coo_type, encode, output_metadata
@@ -172,16 +170,15 @@ class BatchProcessor:
         rows = batch.num_rows
         schema = job.output_schema(batch.schema)
         values = {c.name: to_numpy(batch.column(c.name), c, file, first_row) for c in job.columns}
-        integers = {n for n, v in values.items() if np.issubdtype(v.dtype, np.integer)}
-        tensors = {n: float_tensor(v) for n, v in values.items()}
+        tensors = {n: writable_tensor(v) for n, v in values.items()}
         if rows:
             view = per_row_view(tensors) if job.state is None else tensors
-            with torch.no_grad():  # float_tensor copies out of Arrow: the tensors are ours to write
+            with torch.no_grad():  # writable_tensor copies read-only Arrow data: ours to write
                 masked = self.transform.apply_in_place(view)
             tensors = {
-                n: exact_integers(masked[n].reshape(t.shape), values[n])
-                if n in integers
-                else _positive_zeros_(masked[n].reshape(t.shape))
+                n: _positive_zeros_(masked[n].reshape(t.shape))
+                if t.is_floating_point()
+                else masked[n].reshape(t.shape)
                 for n, t in tensors.items()
             }
         arrays = []

@@ -343,3 +343,30 @@ def test_an_input_file_named_inside_the_output_folder_is_refused(tmp_path, shard
     ):
         preprocess([str(inside)], tmp_path / "out", "vec", "norm", quiet=True)
     assert inside.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", [pa.int64(), pa.uint64()])
+@pytest.mark.parametrize(
+    ("sparsifier", "config"),
+    [("threshold", {"threshold": 2**53 + 1}), ("nm", {"n": 1, "m": 4})],
+)
+def test_integer_rows_are_ranked_exactly_like_the_transform(tmp_path, kind, sparsifier, config):
+    """2**53 and 2**53 + 1 are one float64: a threshold of 2**53 + 1 kept 2**53, and a 1:4
+    group kept 2**53 over 2**53 + 1. The rows' masks are those SparsifyTransform gives the
+    integer tensor itself."""
+    from pipesparse.shards.config import make_sparsifier
+    from pipesparse.transforms.core import SparsifyTransform
+
+    rows = [[2**53, 2**53 + 1, 5, 7], [2**62 + 1, 2**62, 3, 2**62 + 3]]
+    pq.write_table(pa.table({"ids": pa.array(rows, pa.list_(kind))}), tmp_path / "a.parquet")
+    preprocess(
+        [str(tmp_path / "a.parquet")], tmp_path / "out", "ids", sparsifier, config, quiet=True
+    )
+    got = read_sparse(tmp_path / "out" / "a.parquet")["ids"]
+    data = torch.from_numpy(np.array(rows, dtype=kind.to_pandas_dtype()))
+    transform = SparsifyTransform(
+        make_sparsifier(sparsifier, config), keys=["ids"], mask_over="batch"
+    )
+    expected = torch.stack([transform({"ids": row.reshape(1, 4)})["ids"][0] for row in data])
+    assert got.tolist() == expected.tolist()
+    assert got[0].tolist() == [0, 2**53 + 1, 0, 0]
