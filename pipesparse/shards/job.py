@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from pipesparse.errors import CorruptStateError
 from pipesparse.shards.columns import (
     ColumnSpec,
     from_tensor,
@@ -258,4 +259,7 @@ def build_job(
         else transform_state["sparsifier"]["data_groups"]
     )
     info = {"path": str(state), "sha256": file_sha256(state)}
-    return Job(sparsifier, jsonable(recorded or {}), specs, out_format, transform_state, info)
+    try:  # the transform's load_state_dict checks the values: configs, mask dtypes
+        return Job(sparsifier, jsonable(recorded or {}), specs, out_format, transform_state, info)
+    except CorruptStateError as err:
+        raise CorruptStateError(f"state file {state}: {err}") from None

@@ -217,3 +217,37 @@ def test_corrupt_fit_files_name_the_key(tmp_path, shards_dir, path, value, messa
     ):
         with pytest.raises(CorruptStateError, match=f"state file s.pt: {message}"):
             call()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (
+            ("transform", "sparsifier", "data_groups", "batch", "sparsity_level"),
+            "x",
+            "config for 'batch' is invalid: sparsity_level must be a number",
+        ),
+        (
+            ("transform", "sparsifier", "mask_dtypes", "batch"),
+            "weird",
+            "'batch' the unknown mask dtype 'weird'",
+        ),
+        (
+            ("transform", "sparsifier", "state", "batch", "mask"),
+            torch.ones(1, 8, dtype=torch.complex64),
+            "mask for 'batch' has dtype torch.complex64",
+        ),
+    ],
+)
+def test_a_state_the_transform_refuses_names_the_file(tmp_path, shards_dir, path, value, message):
+    """Values of the right type that the transform's load_state_dict refuses were reported as
+    'state_dict config ...', without the file."""
+    from pipesparse.shards import preprocess
+
+    state = _with(_fit_state(tmp_path, "vec", shards_dir), path, value)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CorruptStateError, match=f"^state file {tmp_path / 'bad.pt'}: .*{message}"):
+        preprocess(
+            [str(shards_dir)], tmp_path / "out", "vec", state=str(tmp_path / "bad.pt"), quiet=True
+        )
+    assert not (tmp_path / "out").exists()
