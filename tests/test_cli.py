@@ -268,7 +268,7 @@ def test_preprocess_state_dict_needs_the_rule_it_was_made_with(tmp_path, shards,
     base += ["--state", state, "--quiet"]
     assert "--sparsifier is required with" in _error(capsys, base)
     message = _error(capsys, [*base, "--sparsifier", "threshold"])
-    assert "the config of mask 'batch' in" in message
+    assert "the config of mask 'batch' (column 'x') in" in message
     assert "does not fit --sparsifier threshold (ThresholdSparsifier)" in message
     assert "pass the --sparsifier the state was made with (its config fits: norm)" in message
     assert main([*base, "--sparsifier", "norm"]) == 0

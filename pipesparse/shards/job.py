@@ -35,8 +35,10 @@ from pipesparse.shards.schema import parse_columns, resolve_columns
 from pipesparse.shards.state import (
     FIT_FORMAT,
     TRANSFORM_NAME,
+    file_mask_names,
     jsonable,
     load_state_file,
+    mask_name,
     transform_state_for,
 )
 from pipesparse.transforms.core import SparsifyTransform
@@ -202,17 +204,21 @@ def _config_error(name: str, config: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_rule_fits_state(sparsifier: str, groups: dict[str, Any], state: str) -> None:
+def _check_rule_fits_state(
+    sparsifier: str, groups: dict[str, Any], state: str, columns: dict[str, str]
+) -> None:
     """ValueError when a state file that does not record its rule holds mask configs that
-    ``--sparsifier`` cannot take: loading it would blame the state for the wrong rule."""
-    for name, config in groups.items():
+    ``--sparsifier`` cannot take: loading it would blame the state for the wrong rule.
+    ``groups`` are the configs per column, ``columns`` the names of their masks in the file."""
+    for column, config in groups.items():
         error = _config_error(sparsifier, dict(config))
         if error is None:
             continue
         fits = [other for other in SPARSIFIERS if _config_error(other, dict(config)) is None]
         hint = f" (its config fits: {', '.join(fits)})" if fits else ""
         raise ValueError(
-            f"the config of mask {name!r} in {state} does not fit --sparsifier {sparsifier} "
+            f"the config of mask {columns[column]!r} (column {column!r}) in {state} does not "
+            f"fit --sparsifier {sparsifier} "
             f"({sparsifier_class(sparsifier).__name__}): {error}; pass the --sparsifier the "
             f"state was made with{hint}"
         )
@@ -252,7 +258,10 @@ def build_job(
     elif fitted_with is not None and fitted_with != sparsifier:
         raise ValueError(f"{state} was fitted with --sparsifier {fitted_with}, not {sparsifier}")
     elif fitted_with is None:
-        _check_rule_fits_state(sparsifier, transform_state["sparsifier"]["data_groups"], state)
+        groups = transform_state["sparsifier"]["data_groups"]
+        names = [c.name for c in specs]
+        by_column = {c: groups[mask_name(c, names)] for c in names}
+        _check_rule_fits_state(sparsifier, by_column, state, file_mask_names(raw, state, specs))
     recorded = (
         raw.get("config")
         if fitted_with is not None

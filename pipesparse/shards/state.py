@@ -36,6 +36,7 @@ __all__ = [
     "FIT_FORMAT",
     "TRANSFORM_NAME",
     "describe_state",
+    "file_mask_names",
     "load_state_file",
     "mask_name",
     "save_state_file",
@@ -196,6 +197,35 @@ def _candidates(
     return [column, mask_name(column, columns)]
 
 
+def _find_mask(
+    column: str,
+    columns: list[str],
+    prefix: str | None,
+    fitted: list[str] | None,
+    masks: Mapping,
+    path: str,
+) -> str:
+    """The name ``column``'s mask has in the file; CorruptStateError when it has none."""
+    candidates = _candidates(column, columns, prefix, fitted, masks)
+    found = next((c for c in candidates if c in masks), None)
+    if found is None:
+        fitted_on = f" (fitted on columns {fitted})" if fitted is not None else ""
+        looked = f"looked for {' or '.join(map(repr, candidates))}; " if candidates else ""
+        raise CorruptStateError(
+            f"state file {path}{fitted_on} has no mask for column {column!r} ({looked}"
+            f"it has: {sorted(masks)})"
+        )
+    return found
+
+
+def file_mask_names(state: Mapping[str, Any], path: str, columns: list[ColumnSpec]) -> dict:
+    """``{column: the name of its mask in the file}``, for messages about the file's masks
+    (:func:`transform_state_for` renames them ``"batch"`` or ``"batch_<column>"``)."""
+    sd, config, fitted = _sparsifier_state(state, path)
+    names = [c.name for c in columns]
+    return {n: _find_mask(n, names, _prefix(config), fitted, sd["state"], path) for n in names}
+
+
 def transform_state_for(state: Mapping[str, Any], path: str, columns: list[ColumnSpec]) -> dict:
     """The state of a frozen ``mask_over="features"`` transform named ``"batch"`` for ``columns``.
 
@@ -215,15 +245,7 @@ def transform_state_for(state: Mapping[str, Any], path: str, columns: list[Colum
     names = [c.name for c in columns]
     out_state, out_groups, out_dtypes = {}, {}, {}
     for spec in columns:
-        candidates = _candidates(spec.name, names, prefix, fitted, masks)
-        found = next((c for c in candidates if c in masks), None)
-        if found is None:
-            fitted_on = f" (fitted on columns {fitted})" if fitted is not None else ""
-            looked = f"looked for {' or '.join(map(repr, candidates))}; " if candidates else ""
-            raise CorruptStateError(
-                f"state file {path}{fitted_on} has no mask for column {spec.name!r} ({looked}"
-                f"it has: {sorted(masks)})"
-            )
+        found = _find_mask(spec.name, names, prefix, fitted, masks, path)
         mask = masks[found].get("mask")
         if not isinstance(mask, torch.Tensor):
             raise CorruptStateError(f"state file {path}: mask {found!r} is not a tensor")

@@ -251,3 +251,27 @@ def test_a_state_the_transform_refuses_names_the_file(tmp_path, shards_dir, path
             [str(shards_dir)], tmp_path / "out", "vec", state=str(tmp_path / "bad.pt"), quiet=True
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rule_that_does_not_fit_names_the_mask_of_the_file(tmp_path):
+    """A sparsifier state names its masks after the columns; the error named the mask as
+    preprocessing renames it ('batch'), which the file does not have."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipesparse.shards import preprocess
+
+    rows = pa.array([[1.0, 5.0, 3.0, 7.0]] * 2, pa.list_(pa.float32()))
+    pq.write_table(pa.table({"a": rows}), tmp_path / "a.parquet")
+    torch.save(_sparsifier_state(), tmp_path / "s.pt")  # norm masks 'a' (4,) and 'b' (2, 2)
+    with pytest.raises(
+        ValueError, match=r"the config of mask 'a' \(column 'a'\) in .*s\.pt does not fit"
+    ):
+        preprocess(
+            [str(tmp_path / "a.parquet")],
+            tmp_path / "out",
+            "a",
+            "threshold",
+            state=str(tmp_path / "s.pt"),
+            quiet=True,
+        )
