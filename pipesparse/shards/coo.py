@@ -86,13 +86,18 @@ def _torch_dtype(arrow_type: str) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=numpy_type)).dtype
 
 
-def read_sparse(path: str | Path, columns: list[str] | None = None) -> dict[str, torch.Tensor]:
+def read_sparse(
+    path: str | Path, columns: str | list[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Dense tensors ``(rows, *shape)`` of the sparsified columns of an output shard.
 
     Works on ``--format coo`` and ``--format dense`` outputs alike; values keep the column's
-    dtype. ``columns`` picks some of the sparsified columns (default: all of them). Other
-    columns are ordinary Parquet: read them with ``pyarrow.parquet.read_table``.
+    dtype. ``columns`` picks some of the sparsified columns (``"a,b"`` or a list, as
+    ``preprocess`` takes them; default: all of them). Other columns are ordinary Parquet: read
+    them with ``pyarrow.parquet.read_table``.
     """
+    if isinstance(columns, str):
+        columns = [name.strip() for name in columns.split(",") if name.strip()]
     schema = pq.read_schema(path)
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:

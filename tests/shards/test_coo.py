@@ -81,3 +81,13 @@ def test_read_sparse_picks_columns_and_rejects_others(tmp_path, shards_dir):
 def test_read_sparse_refuses_a_foreign_file(shards_dir):
     with pytest.raises(ValueError, match="not written by pipesparse"):
         read_sparse(shards_dir / "part-00.parquet")
+
+
+def test_read_sparse_takes_columns_as_a_string_like_preprocess(tmp_path, shards_dir):
+    """A str was iterated character by character: "['v', 'e', 'c'] are not sparsified"."""
+    preprocess([str(shards_dir)], tmp_path / "o", "vec,img", "threshold", quiet=True)
+    path = tmp_path / "o" / "part-01.parquet"
+    assert list(read_sparse(path, "vec")) == ["vec"]
+    assert list(read_sparse(path, "img,vec")) == ["img", "vec"]
+    with pytest.raises(ValueError, match=r"\['label'\] are not sparsified columns"):
+        read_sparse(path, "label")
