@@ -97,8 +97,11 @@ def column_spec(
     if first_row is None or len(first_row) == 0:
         raise ShardError(file, "no rows to take the row shape from", column)
     value = first_row.to_pylist()[0]
-    shape = []
+    shape: list[int] = []
     for _ in list_levels(schema.field(column).type)[0]:
+        if shape and shape[-1] == 0:  # an empty list holds no lists: the levels inside are 0
+            shape.append(0)
+            continue
         if not isinstance(value, list):
             raise ShardError(file, "row holds a null list; rows must be complete", column, 0)
         shape.append(len(value))

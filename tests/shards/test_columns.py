@@ -88,3 +88,15 @@ def test_non_numeric_column_is_a_type_error(dtype):
 def test_missing_column_lists_what_the_file_has():
     with pytest.raises(ShardError, match="column 'nope': no such column; the file has: a, b"):
         column_spec("f", pa.schema([("a", pa.int64()), ("b", pa.int64())]), "nope", None)
+
+
+def test_empty_nested_rows_are_not_called_null():
+    """A first row [] of a list<list<float>> column was 'row holds a null list'."""
+    dtype = pa.list_(pa.list_(pa.float32()))
+    array = pa.array([[], []], type=dtype)
+    spec = column_spec("f", pa.schema([("c", dtype)]), "c", array.slice(0, 1))
+    assert spec.shape == (0, 0)
+    assert to_tensor(array, spec, "f", 0).shape == (2, 0, 0)
+    assert from_tensor(to_tensor(array, spec, "f", 0), dtype).equals(array)
+    with pytest.raises(ShardError, match="row 0: row holds a null list"):
+        column_spec("f", pa.schema([("c", dtype)]), "c", pa.array([[None]], type=dtype))
