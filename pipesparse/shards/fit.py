@@ -55,6 +55,8 @@ def fit(
     Returns:
         The state that was written (see :mod:`pipesparse.shards.state`).
     """
+    if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+        raise ValueError(f"batch_rows must be an int >= 1, got {batch_rows!r}")
     config = dict(config or {})
     rule = make_sparsifier(sparsifier, config)  # a bad config fails before any data is read
     shards = discover_shards(list(inputs))

@@ -65,3 +65,12 @@ def test_out_that_is_an_input_shard_is_refused(tmp_path, make_shards):
         with pytest.raises(ValueError, match=r"input file .* is the output state file .*--out"):
             fit(inputs, "vec", out, quiet=True)
     assert [p.read_bytes() for p in paths] == before
+
+
+@pytest.mark.parametrize("batch_rows", [0, -1, 2.5, "8", True])
+def test_bad_batch_rows_is_named_like_preprocess_names_it(tmp_path, shards_dir, batch_rows):
+    """fit passed batch_rows on to pyarrow: 'batch_size must be greater than zero', or a
+    TypeError about comparing str and int; True read one row at a time."""
+    with pytest.raises(ValueError, match=f"batch_rows must be an int >= 1, got {batch_rows!r}"):
+        fit([str(shards_dir)], "vec", tmp_path / "s.pt", batch_rows=batch_rows, quiet=True)
+    assert not (tmp_path / "s.pt").exists()
