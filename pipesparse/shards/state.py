@@ -29,6 +29,7 @@ import torch
 from pipesparse.base import STATE_FORMAT, data_names
 from pipesparse.errors import CorruptStateError
 from pipesparse.shards.columns import ColumnSpec
+from pipesparse.shards.config import SPARSIFIERS
 from pipesparse.shards.writer import atomic_write_bytes
 from pipesparse.transforms.core import TRANSFORM_STATE_FORMAT, entry_mask_names
 
@@ -141,6 +142,11 @@ def _fit_columns(state: Mapping[str, Any], path: str) -> list[str]:
     """The columns a fit file was fitted on, its header checked."""
     for key in ("sparsifier", "sparsifier_class"):
         _expect(state.get(key), str, path, key, "a string")
+    if state["sparsifier"] not in SPARSIFIERS:
+        raise CorruptStateError(
+            f"state file {path}: sparsifier is {state['sparsifier']!r}, expected one of "
+            f"{', '.join(SPARSIFIERS)}"
+        )
     _expect(state.get("config"), Mapping, path, "config", "a dict")
     _expect(state.get("rows"), int, path, "rows", "an int")
     columns = _expect(state.get("columns"), Mapping, path, "columns", "a dict column -> shape")

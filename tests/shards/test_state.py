@@ -275,3 +275,15 @@ def test_a_rule_that_does_not_fit_names_the_mask_of_the_file(tmp_path):
             state=str(tmp_path / "s.pt"),
             quiet=True,
         )
+
+
+def test_a_fit_file_with_an_unknown_rule_names_the_file(tmp_path, shards_dir):
+    """The error was 'unknown sparsifier 'bogus'', a name the user never typed."""
+    state = _with(_fit_state(tmp_path, "vec", shards_dir), ("sparsifier",), "bogus")
+    message = r"state file s.pt: sparsifier is 'bogus', expected one of norm, threshold, nm"
+    for call in (
+        lambda: transform_state_for(state, "s.pt", [ColumnSpec("vec", (8,), "f")]),
+        lambda: describe_state(state, "s.pt"),
+    ):
+        with pytest.raises(CorruptStateError, match=message):
+            call()
