@@ -61,9 +61,23 @@ def decode(
         array = array.combine_chunks() if array.num_chunks else pa.array([], type=array.type)
     rows, size = len(array), int(np.prod(shape, dtype=np.int64))
     indices, values = array.field("indices"), array.field("values")
-    counts = (indices.offsets.to_numpy()[1:] - indices.offsets.to_numpy()[:-1]).astype(np.int64)
+    counts = np.diff(indices.offsets.to_numpy()).astype(np.int64)
+    value_counts = np.diff(values.offsets.to_numpy()).astype(np.int64)
+    if not np.array_equal(counts, value_counts):
+        row = int(np.flatnonzero(counts != value_counts)[0])
+        raise ValueError(
+            f"COO row {row} has {counts[row]} indices and {value_counts[row]} values; every "
+            "row needs one value per index"
+        )
     row_of = np.repeat(np.arange(rows, dtype=np.int64), counts)
-    positions = row_of * size + indices.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    within = indices.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    outside = np.flatnonzero((within < 0) | (within >= size))
+    if outside.size:
+        row, index = int(row_of[outside[0]]), int(within[outside[0]])
+        raise ValueError(
+            f"COO row {row} has index {index}, outside 0 .. {size - 1} for shape {tuple(shape)}"
+        )
+    positions = row_of * size + within
     flat = values.flatten().to_numpy(zero_copy_only=False)
     dense = np.zeros(rows * size, dtype=flat.dtype)  # numpy: torch cannot scatter uint64
     dense[positions] = flat
@@ -115,7 +129,10 @@ def read_sparse(
     for name in wanted:
         shape, dtype = tuple(known[name]["shape"]), _torch_dtype(known[name]["dtype"])
         if meta["format"] == "coo":
-            out[name] = decode(table.column(name), shape, dtype)
+            try:
+                out[name] = decode(table.column(name), shape, dtype)
+            except ValueError as err:
+                raise ValueError(f"{path}, column {name!r}: {err}") from None
         else:
             spec = ColumnSpec(name, shape, str(path))
             values = to_numpy(table.column(name), spec, str(path), 0)  # integers stay exact

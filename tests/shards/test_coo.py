@@ -91,3 +91,23 @@ def test_read_sparse_takes_columns_as_a_string_like_preprocess(tmp_path, shards_
     assert list(read_sparse(path, "img,vec")) == ["img", "vec"]
     with pytest.raises(ValueError, match=r"\['label'\] are not sparsified columns"):
         read_sparse(path, "label")
+
+
+def test_decode_refuses_coo_rows_it_would_misplace():
+    """An index past the row's end was written into the next row, and values paired with
+    another row's indices were placed silently."""
+    out_of_range = pa.StructArray.from_arrays(
+        [pa.array([[4], []], pa.list_(pa.int32())), pa.array([[1.0], []], pa.list_(pa.float32()))],
+        fields=list(coo_type(pa.float32())),
+    )
+    with pytest.raises(ValueError, match=r"row 0 has index 4, outside 0 \.\. 3 for shape \(4,\)"):
+        decode(out_of_range, (4,), torch.float32)
+    unpaired = pa.StructArray.from_arrays(
+        [
+            pa.array([[0, 1], [2]], pa.list_(pa.int32())),
+            pa.array([[1.0], [2.0, 3.0]], pa.list_(pa.float32())),
+        ],
+        fields=list(coo_type(pa.float32())),
+    )
+    with pytest.raises(ValueError, match="row 0 has 2 indices and 1 values"):
+        decode(unpaired, (4,), torch.float32)
