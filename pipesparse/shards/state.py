@@ -265,7 +265,12 @@ def transform_state_for(state: Mapping[str, Any], path: str, columns: list[Colum
             )
         new = mask_name(spec.name, names)
         out_state[new] = {"mask": mask.reshape(1, *spec.shape)}
-        out_groups[new] = dict(groups.get(found, {}))
+        if found not in groups:
+            raise CorruptStateError(
+                f"state file {path}: mask {found!r} has no config in data_groups (it has "
+                f"configs for: {sorted(groups)})"
+            )
+        out_groups[new] = dict(groups[found])
         if found in dtypes:
             out_dtypes[new] = dtypes[found]
     return {

@@ -287,3 +287,15 @@ def test_a_fit_file_with_an_unknown_rule_names_the_file(tmp_path, shards_dir):
     ):
         with pytest.raises(CorruptStateError, match=message):
             call()
+
+
+def test_a_mask_without_a_config_says_so():
+    """The missing config was reported as a config that does not fit the rule ('threshold
+    must be a number, got None'), whatever --sparsifier was passed."""
+    state = _sparsifier_state()
+    del state["data_groups"]["a"]
+    with pytest.raises(
+        CorruptStateError,
+        match=r"s.pt: mask 'a' has no config in data_groups \(it has configs for: \['b'\]\)",
+    ):
+        transform_state_for(state, "s.pt", SPECS[:1])
