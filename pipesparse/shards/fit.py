@@ -32,7 +32,7 @@ __all__ = ["fit", "fit_report"]
 
 
 def fit(
-    inputs: list[str],
+    inputs: str | os.PathLike | list[str],
     columns: str | list[str],
     out: str | Path,
     sparsifier: str = "norm",
@@ -43,7 +43,8 @@ def fit(
     """Fit one mask per column on all rows of ``inputs`` and write it to ``out`` atomically.
 
     Args:
-        inputs: Parquet files, folders of them, or folders written by ``save_to_disk``.
+        inputs: Parquet files, folders of them, or folders written by ``save_to_disk``
+            (a list, or one path).
         columns: the columns to fit masks for (``"a,b"`` or a list).
         out: the state file to write (``torch.save``; load with ``weights_only=True``); not
             one of the input shards (refused: it would replace that shard).
@@ -57,6 +58,7 @@ def fit(
     """
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows must be an int >= 1, got {batch_rows!r}")
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     config = dict(config or {})
     rule = make_sparsifier(sparsifier, config)  # a bad config fails before any data is read
     shards = discover_shards(list(inputs))

@@ -76,7 +76,7 @@ def _size(count: int) -> str:
 
 
 def preprocess(
-    inputs: list[str],
+    inputs: str | os.PathLike | list[str],
     out: str | Path,
     columns: str | list[str],
     sparsifier: str | None = None,
@@ -92,7 +92,8 @@ def preprocess(
     """Sparsify ``columns`` of every input shard into ``out`` (one output shard per input shard).
 
     Args:
-        inputs: Parquet files, folders of them, or folders written by ``save_to_disk``.
+        inputs: Parquet files, folders of them, or folders written by ``save_to_disk``
+            (a list, or one path).
         out: output folder; ``manifest.json`` there records the job and the finished shards.
         columns: the columns to sparsify (``"a,b"`` or a list); others pass through unchanged.
         sparsifier: ``norm``, ``threshold`` or ``nm``; optional with a ``pipesparse fit`` state,
@@ -107,6 +108,7 @@ def preprocess(
         overwrite: replace an output folder made by a different job instead of refusing.
         quiet: no progress bar.
     """
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
     for key, value in (("workers", workers), ("batch_rows", batch_rows)):

@@ -74,3 +74,15 @@ def test_bad_batch_rows_is_named_like_preprocess_names_it(tmp_path, shards_dir, 
     with pytest.raises(ValueError, match=f"batch_rows must be an int >= 1, got {batch_rows!r}"):
         fit([str(shards_dir)], "vec", tmp_path / "s.pt", batch_rows=batch_rows, quiet=True)
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_one_input_may_be_a_string_or_a_path(tmp_path, shards_dir):
+    """A str was iterated character by character ('file t: no such file or directory',
+    after searching the folder '/'), a Path was 'not iterable'."""
+    from pipesparse.shards import preprocess
+
+    for index, inputs in enumerate((str(shards_dir), shards_dir)):
+        state = fit(inputs, "vec", tmp_path / f"s{index}.pt", quiet=True)
+        assert state["rows"] == 60
+        summary = preprocess(inputs, tmp_path / f"o{index}", "vec", "norm", quiet=True)
+        assert summary.rows == 60
