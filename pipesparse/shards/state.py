@@ -203,6 +203,18 @@ def _candidates(
     return [column, mask_name(column, columns)]
 
 
+def _dense_mask(entry: Mapping[str, Any], name: str, path: str) -> torch.Tensor:
+    """The mask of a state entry, dense; CorruptStateError unless it is a tensor with data."""
+    mask = entry.get("mask")
+    if not isinstance(mask, torch.Tensor):
+        raise CorruptStateError(f"state file {path}: mask {name!r} is not a tensor")
+    if mask.is_meta:
+        raise CorruptStateError(
+            f"state file {path}: mask {name!r} is a meta tensor, which holds no values"
+        )
+    return mask.to_dense() if mask.layout != torch.strided else mask
+
+
 def _find_mask(
     column: str,
     columns: list[str],
@@ -252,11 +264,7 @@ def transform_state_for(state: Mapping[str, Any], path: str, columns: list[Colum
     out_state, out_groups, out_dtypes = {}, {}, {}
     for spec in columns:
         found = _find_mask(spec.name, names, prefix, fitted, masks, path)
-        mask = masks[found].get("mask")
-        if not isinstance(mask, torch.Tensor):
-            raise CorruptStateError(f"state file {path}: mask {found!r} is not a tensor")
-        if mask.layout != torch.strided:
-            mask = mask.to_dense()
+        mask = _dense_mask(masks[found], found, path)
         if tuple(mask.shape) not in (spec.shape, (1, *spec.shape)):
             raise CorruptStateError(
                 f"state file {path}: mask {found!r} has shape {tuple(mask.shape)}; rows of column "
@@ -296,10 +304,7 @@ def describe_state(state: Mapping[str, Any], path: str) -> dict[str, Any]:
     column_of = {mask_name(c, fitted, _prefix(config)): c for c in fitted or []}
     masks = {}
     for name, entry in sd["state"].items():
-        mask = entry.get("mask")
-        if not isinstance(mask, torch.Tensor):
-            raise CorruptStateError(f"state file {path}: mask {name!r} is not a tensor")
-        mask = mask.to_dense() if mask.layout != torch.strided else mask
+        mask = _dense_mask(entry, name, path)
         kept = int(mask.ne(0).sum())
         masks[name] = {
             "column": column_of.get(name),

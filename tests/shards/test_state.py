@@ -299,3 +299,15 @@ def test_a_mask_without_a_config_says_so():
         match=r"s.pt: mask 'a' has no config in data_groups \(it has configs for: \['b'\]\)",
     ):
         transform_state_for(state, "s.pt", SPECS[:1])
+
+
+def test_a_meta_tensor_mask_is_refused_naming_the_file():
+    """A mask on the meta device (no data) made inspect crash with a traceback, and preprocess
+    fail in the engine, blaming the input shard."""
+    state = _with(_sparsifier_state(), ("state", "a", "mask"), torch.empty(4, device="meta"))
+    for call in (
+        lambda: transform_state_for(state, "s.pt", SPECS[:1]),
+        lambda: describe_state(state, "s.pt"),
+    ):
+        with pytest.raises(CorruptStateError, match="s.pt: mask 'a' is a meta tensor"):
+            call()
