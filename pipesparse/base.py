@@ -26,6 +26,7 @@ __all__ = [
     "data_names",
     "mask_like",
     "shares_entries",
+    "widen_float8",
 ]
 
 STATE_FORMAT = "pipesparse.data_sparsifier/1"
@@ -135,6 +136,12 @@ def data_names(qualified: Iterable[str]) -> list[str]:
 
 def _float8(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def widen_float8(data: torch.Tensor) -> torch.Tensor:
+    """float8 data as float32, which holds it exactly (CPU has no comparison, sort or abs for
+    float8); any other data as it is."""
+    return data.float() if _float8(data.dtype) else data
 
 
 def apply_mask(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ class QuantizedEmbeddingBag(nnq.EmbeddingBag):
         compressed_indices_mapping: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # written for torch.jit.script, as torch.ao's quantized bags are: no super(), no
-        # Optional attribute read twice, no int + bool
+        # Optional attribute read twice, no int + bool; an op is no value there, so each
+        # dtype's kernel is called on its own, as in nnq.EmbeddingBag.forward
         if per_sample_weights is not None and self.mode != "sum":
             raise ValueError("per_sample_weights needs an EmbeddingBag with mode='sum'")
         last = 1 if self.include_last_offset else 0

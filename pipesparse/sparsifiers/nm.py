@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pipesparse.base import BaseDataSparsifier
+from pipesparse.base import BaseDataSparsifier, widen_float8
 
 __all__ = ["NMSparsifier", "nm_keep_mask", "to_semi_structured"]
 
@@ -49,8 +49,8 @@ def _magnitude_key(data: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """A key that sorts as |x| and whether it sorts descending. Signed integers rank by -|x|,
     not ``abs()``, which overflows at the most negative value (int8 -128 stays -128, the
     smallest instead of the largest); unsigned ones are their own magnitude."""
-    if data.is_floating_point():  # float8 (no sort on CPU) ranked in float32, which holds it
-        return (data.float() if data.itemsize == 1 else data).abs(), True
+    if data.is_floating_point():
+        return widen_float8(data).abs(), True
     if data.is_signed():
         return torch.minimum(data, data.neg()), False  # -|x|: the negation wraps only at the min
     return data, True

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from pipesparse.base import BaseDataSparsifier
+from pipesparse.base import BaseDataSparsifier, widen_float8
 
 __all__ = ["ThresholdSparsifier"]
 
@@ -47,8 +47,7 @@ class ThresholdSparsifier(BaseDataSparsifier):
         if not data.is_floating_point():
             self.get_mask(name).copy_(_integers_kept(data, threshold))
             return
-        if data.itemsize == 1:  # float8: no comparisons on CPU; float32 holds it exactly
-            data = data.float()
+        data = widen_float8(data)
         bound = float(threshold)
         self.get_mask(name).copy_((data >= bound) | (data <= -bound))
 
