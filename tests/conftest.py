@@ -2,12 +2,18 @@
 
 Hypothesis runs without deadlines (2 shared CPU cores make timings meaningless) and with
 modest example counts; tests that want more say so themselves.
+
+Every Ray cluster a test starts listens on 127.0.0.1 only: on Linux Ray binds its servers to
+every interface unless its clusters are off (its default on macOS and Windows). Ray reads the
+switch when it is imported, and its workers inherit it, so it is set here before any test
+imports Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -17,6 +23,8 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 settings.register_profile(
     "pipesparse",

@@ -449,12 +449,7 @@ def ray_shards(env):
     ray = pytest.importorskip("ray")
     _write_train_shards(env.tmp_path)
     env.monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    # A local cluster on 127.0.0.1 only, which the engine then uses as it is. Ray resolves
-    # 127.0.0.1 given as _node_ip_address to the machine's address and listens everywhere,
-    # except when it takes clusters to be off (its default on macOS and Windows): then every
-    # server of it binds to 127.0.0.1.
-    env.monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # its child processes
-    env.monkeypatch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)  # read late
+    # A local cluster on 127.0.0.1 only (see conftest.py), which the engine then uses as it is.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     try:

@@ -8,6 +8,8 @@ each rank's error message and whether its mask stayed as it was.
 """
 
 import datetime
+import os
+import socket
 import sys
 
 import torch
@@ -44,10 +46,30 @@ def failing(rank: int, scenario: str, out_dir: str, inherited=None) -> None:
     torch.save({"error": error, "kept": kept}, f"{out_dir}/rank{rank}.pt")
 
 
+def loopback_store(rank: int, port: int) -> dist.TCPStore:
+    """The group's TCPStore on 127.0.0.1 only: given a bare address, rank 0's store would
+    listen on every interface, so rank 0 binds the socket itself and hands it over."""
+    timeout = datetime.timedelta(seconds=60)
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timeout)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", port))
+    listener.listen()
+    return dist.TCPStore(
+        "127.0.0.1",
+        port,
+        2,
+        is_master=True,
+        wait_for_workers=False,
+        master_listen_fd=listener.detach(),  # the store owns the socket from here
+        timeout=timeout,
+    )
+
+
 def run(rank: int, port: int, out_dir: str, scenario: str = "sync", inherited=None) -> None:
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        store=loopback_store(rank, port),
         rank=rank,
         world_size=2,
         timeout=datetime.timedelta(seconds=60),
@@ -74,6 +96,7 @@ def run(rank: int, port: int, out_dir: str, scenario: str = "sync", inherited=No
 
 
 if __name__ == "__main__":
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections on loopback too
     args = [int(sys.argv[1]), *sys.argv[2:4]]
     if args[2:] == ["inherited"]:
         launched = SparsifyTransform(DataNormSparsifier(), update="frozen")
