@@ -3,7 +3,7 @@
 Each snippet is executed in a fresh namespace, in a temporary working directory. The README's
 snippets are fragments: the names they use without defining (``dataset``, ``transform``, ...)
 come from the fixture registered below for that snippet, found by a marker (a piece of the
-snippet's own text). A snippet that uses a name no fixture provides fails with a message that
+snippet's own text). A snippet that uses a name no fixture provides fails with a NameError that
 says which names to add here; a snippet that needs nothing simply runs.
 
 When a snippet's last statement is an expression (``aware.sparsified``), its value is what the
@@ -18,7 +18,6 @@ there, and the Ray snippet runs on a local cluster started with every server on 
 from __future__ import annotations
 
 import ast
-import builtins
 import contextlib
 import datetime
 import io
@@ -59,131 +58,6 @@ def readme_snippets() -> list[Snippet]:
         Snippet(index, text.count("\n", 0, match.start()) + 1, match.group(1))
         for index, match in enumerate(FENCE.finditer(text), start=1)
     ]
-
-
-class _FreeNames(ast.NodeVisitor):
-    """Names read before anything binds them, visited in the order Python evaluates them (so
-    ``ds = ds.map(...)`` reads a free ``ds``)."""
-
-    def __init__(self, bound: set[str] = frozenset(), deferred: list | None = None) -> None:
-        self.bound = set(bound)
-        self.free: set[str] = set()
-        # function and class bodies, visited once the module has bound its names
-        self.deferred: list[tuple[set[str], list[ast.AST]]] = [] if deferred is None else deferred
-
-    def visit_Name(self, node: ast.Name) -> None:
-        if isinstance(node.ctx, ast.Load):
-            if node.id not in self.bound:
-                self.free.add(node.id)
-        else:
-            self.bound.add(node.id)
-
-    def visit_Assign(self, node: ast.Assign) -> None:
-        self.visit(node.value)
-        for target in node.targets:
-            self.visit(target)
-
-    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
-        if node.value is not None:
-            self.visit(node.value)
-        self.visit(node.target)
-
-    def visit_AugAssign(self, node: ast.AugAssign) -> None:
-        if isinstance(node.target, ast.Name) and node.target.id not in self.bound:
-            self.free.add(node.target.id)
-        self.visit(node.value)
-        self.visit(node.target)
-
-    def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
-        self.visit(node.value)
-        self.visit(node.target)
-
-    def visit_For(self, node: ast.For | ast.AsyncFor) -> None:
-        self.visit(node.iter)
-        self.visit(node.target)
-        for statement in node.body + node.orelse:
-            self.visit(statement)
-
-    visit_AsyncFor = visit_For
-
-    def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
-        for alias in node.names:
-            self.bound.add(alias.asname or alias.name.split(".")[0])
-
-    visit_ImportFrom = visit_Import
-
-    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
-        if node.type is not None:
-            self.visit(node.type)
-        if node.name:
-            self.bound.add(node.name)
-        for statement in node.body:
-            self.visit(statement)
-
-    def _comprehension(self, node: ast.AST, *results: ast.AST) -> None:
-        inner = _FreeNames(self.bound, self.deferred)
-        for generator in node.generators:
-            inner.visit(generator.iter)
-            inner.visit(generator.target)
-            for condition in generator.ifs:
-                inner.visit(condition)
-        for result in results:
-            inner.visit(result)
-        self.free |= inner.free
-
-    def visit_ListComp(self, node: ast.ListComp | ast.SetComp | ast.GeneratorExp) -> None:
-        self._comprehension(node, node.elt)
-
-    visit_SetComp = visit_GeneratorExp = visit_ListComp
-
-    def visit_DictComp(self, node: ast.DictComp) -> None:
-        self._comprehension(node, node.key, node.value)
-
-    def _scope(self, node: ast.AST, args: ast.arguments | None, body: list[ast.AST]) -> None:
-        """A function or class body: its own assignments are local, the rest reads globals
-        (when it runs, so a global bound later in the snippet counts as bound)."""
-        local = {
-            n.id
-            for b in body
-            for n in ast.walk(b)
-            if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
-        }
-        if args is not None:
-            local |= {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
-            local |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
-            for default in args.defaults + [d for d in args.kw_defaults if d is not None]:
-                self.visit(default)
-        self.deferred.append((local, body))
-
-    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
-        for decorator in node.decorator_list:
-            self.visit(decorator)
-        self.bound.add(node.name)
-        self._scope(node, node.args, node.body)
-
-    visit_AsyncFunctionDef = visit_FunctionDef
-
-    def visit_ClassDef(self, node: ast.ClassDef) -> None:
-        for expression in node.decorator_list + node.bases + [k.value for k in node.keywords]:
-            self.visit(expression)
-        self.bound.add(node.name)
-        self._scope(node, None, node.body)
-
-    def visit_Lambda(self, node: ast.Lambda) -> None:
-        self._scope(node, node.args, [node.body])
-
-
-def free_names(code: str) -> set[str]:
-    """Names the snippet reads before binding them (builtins excepted)."""
-    visitor = _FreeNames()
-    visitor.visit(ast.parse(code))
-    while visitor.deferred:  # function bodies run after the module has bound its names
-        local, body = visitor.deferred.pop()
-        inner = _FreeNames(visitor.bound | local, visitor.deferred)
-        for statement in body:
-            inner.visit(statement)
-        visitor.free |= inner.free
-    return {name for name in visitor.free if not hasattr(builtins, name)}
 
 
 def run_snippet(snippet: Snippet, namespace: dict[str, Any]) -> tuple[Any, str]:
@@ -568,20 +442,18 @@ def test_readme_has_the_snippets_this_file_knows():
 def test_snippet_runs(snippet: Snippet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     found = setup_for(snippet)
-    needed = free_names(snippet.code)
     with (
         found.prepare(Env(tmp_path, monkeypatch)) if found else contextlib.nullcontext({}) as names
     ):
-        missing = needed - set(names)
-        assert not missing, (
-            f"README.md {snippet.id} uses {sorted(missing)} without importing or defining them. "
-            "If the README means them as the reader's own objects, give them a value in a "
-            "fixture of tests/test_readme.py (@setup with a marker from the snippet); "
-            "otherwise the snippet lacks an import"
-        )
-        # only the names the snippet leaves free: a fixture never stands in for an import
-        namespace = {"__name__": "__readme__", **{k: v for k, v in names.items() if k in needed}}
-        value, out = run_snippet(snippet, namespace)
+        namespace = {"__name__": "__readme__", **names}
+        try:
+            value, out = run_snippet(snippet, namespace)
+        except NameError as err:
+            raise AssertionError(
+                f"README.md {snippet.id}: {err}. If the README means it as the reader's own "
+                "object, give it a value in a fixture of tests/test_readme.py (@setup with a "
+                "marker from the snippet); otherwise the snippet lacks an import"
+            ) from err
         if found and found.check:
             found.check(Ran(snippet.code, namespace, value, out))
 
