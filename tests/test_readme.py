@@ -23,6 +23,7 @@ import datetime
 import io
 import json
 import re
+import shlex
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,15 +141,16 @@ def _zeros(t: torch.Tensor | np.ndarray) -> float:
 
 
 def _write_train_shards(root: Path, shards: int = 2, rows: int = 24) -> None:
-    """data/train/part-0000{i}.parquet: an id and an ``emb`` column of 64 float32 per row."""
+    """data/train/part-0000{i}.parquet: an id, an ``emb`` column of 64 float32 per row and an
+    ``img`` column of 16."""
     folder = root / "data" / "train"
     folder.mkdir(parents=True)
     for index in range(shards):
-        emb = _rows(rows, 64, seed=10 + index)
         table = pa.table(
             {
                 "id": pa.array(np.arange(rows) + index * rows, pa.int64()),
-                "emb": pa.array(list(emb), type=pa.list_(pa.float32())),
+                "emb": pa.array(list(_rows(rows, 64, seed=10 + index)), pa.list_(pa.float32())),
+                "img": pa.array(list(_rows(rows, 16, seed=20 + index)), pa.list_(pa.float32())),
             }
         )
         pq.write_table(table, folder / f"part-{index:05d}.parquet")
@@ -471,3 +473,35 @@ def test_readme_make_commands_are_makefile_targets():
     )
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert ci.strip().endswith("make test")  # "CI runs `bash .ci/run`, which is `make test`"
+
+
+def readme_commands(marker: str) -> list[list[str]]:
+    """The `pipesparse ...` command lines of the README's bash block holding ``marker``, each
+    split as a shell would (continuation lines joined, comments dropped)."""
+    text = README.read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"^```bash\n(.*?)^```", text, re.DOTALL | re.M) if marker in b]
+    assert len(blocks) == 1, f"README.md: {len(blocks)} bash blocks hold {marker!r}"
+    lines = blocks[0].replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True) for line in lines if line.startswith("pipesparse ")]
+
+
+def test_readme_shard_commands_run(tmp_path, monkeypatch):
+    """The offline section's commands, as written, on shards with its `emb` and `img` columns."""
+    from pipesparse.cli import main
+    from pipesparse.shards import read_sparse
+
+    monkeypatch.chdir(tmp_path)
+    _write_train_shards(tmp_path)
+    commands = readme_commands("pipesparse fit data/train")
+    assert [c[1] for c in commands] == ["fit", "inspect", "preprocess", "preprocess"]
+    for command in commands:
+        assert main(command[1:]) == 0, command
+    assert Path("masks.png").stat().st_size > 0
+    for index in range(2):
+        name = f"part-{index:05d}.parquet"
+        emb = read_sparse(f"data/train_sparse/{name}")["emb"]
+        assert emb.shape == (24, 64) and _zeros(emb) == 0.75  # sparsity_level=0.75, one mask
+        rows = read_sparse(f"data/train_rows/{name}")
+        for column, width in (("emb", 64), ("img", 16)):  # n=2 m=4: 2 of every 4 kept, per row
+            kept = (rows[column].reshape(24, width // 4, 4) != 0).sum(-1)
+            assert (kept == 2).all(), column
