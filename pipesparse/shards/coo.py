@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipesparse.shards.columns import ColumnSpec, to_numpy
+from pipesparse.shards.errors import ShardError
 
 __all__ = ["METADATA_KEY", "coo_type", "decode", "encode", "output_metadata", "read_sparse"]
 
@@ -95,9 +97,92 @@ def output_metadata(
     return {METADATA_KEY: json.dumps({"format": out_format, "columns": columns}).encode()}
 
 
-def _torch_dtype(arrow_type: str) -> torch.dtype:
-    numpy_type = pa.type_for_alias(arrow_type).to_pandas_dtype()
-    return torch.from_numpy(np.zeros(0, dtype=numpy_type)).dtype
+def _torch_dtype(arrow_type: object) -> torch.dtype | None:
+    """The tensor dtype of a numeric Arrow type's name (``"float"``, ``"int64"`` ...), else None."""
+    try:
+        parsed = pa.type_for_alias(arrow_type)  # a non-str raises AttributeError or TypeError
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if not (pa.types.is_integer(parsed) or pa.types.is_floating(parsed)):
+        return None
+    return torch.from_numpy(np.zeros(0, dtype=parsed.to_pandas_dtype())).dtype
+
+
+def _is_coo(arrow_type: pa.DataType) -> bool:
+    if not pa.types.is_struct(arrow_type):
+        return False
+    names = [arrow_type.field(i).name for i in range(arrow_type.num_fields)]
+    if "indices" not in names or "values" not in names:
+        return False
+    indices, values = arrow_type.field("indices").type, arrow_type.field("values").type
+    return (
+        pa.types.is_list(indices)
+        and pa.types.is_integer(indices.value_type)
+        and pa.types.is_list(values)
+        and (pa.types.is_integer(values.value_type) or pa.types.is_floating(values.value_type))
+    )
+
+
+def _read_metadata(
+    path: str, schema: pa.Schema
+) -> tuple[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """The format of an output shard and the ``(shape, dtype)`` of each sparsified column, from
+    its schema metadata; ShardError naming the file and what is wrong when it is not one
+    pipesparse wrote."""
+    key = METADATA_KEY.decode()
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ShardError(path, f"not written by pipesparse (no {key!r} schema metadata)")
+
+    def broken(problem: str) -> ShardError:
+        return ShardError(path, f"broken {key!r} schema metadata: {problem}")
+
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise broken(f"not JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise broken(f"{reprlib.repr(meta)}, not a JSON object")
+    for name in ("format", "columns"):
+        if name not in meta:
+            raise broken(f"no key {name!r}")
+    out_format, recorded = meta["format"], meta["columns"]
+    if out_format not in ("coo", "dense"):
+        raise broken(f"format is {out_format!r}, expected 'coo' or 'dense'")
+    if not isinstance(recorded, dict):
+        raise broken(f"'columns' is {reprlib.repr(recorded)}, expected an object")
+    columns = {}
+    for name, entry in recorded.items():
+        where = f"columns[{name!r}]"
+        if not isinstance(entry, dict):
+            raise broken(f"{where} is {reprlib.repr(entry)}, expected an object")
+        for field in ("shape", "dtype"):
+            if field not in entry:
+                raise broken(f"{where} has no key {field!r}")
+        shape, dtype = entry["shape"], _torch_dtype(entry["dtype"])
+        if not (
+            isinstance(shape, list)
+            and shape
+            and all(type(size) is int and size >= 0 for size in shape)
+        ):
+            raise broken(
+                f"{where}['shape'] is {reprlib.repr(shape)}, expected a non-empty list of "
+                "non-negative ints"
+            )
+        if dtype is None:
+            raise broken(
+                f"{where}['dtype'] is {reprlib.repr(entry['dtype'])}, expected a numeric Arrow type name "
+                "such as 'float' or 'int64'"
+            )
+        if name not in schema.names:
+            raise broken(f"column {name!r} it records is not in the file")
+        if out_format == "coo" and not _is_coo(schema.field(name).type):
+            raise broken(
+                f"column {name!r} has type {schema.field(name).type}, not the COO struct "
+                f"{coo_type(pa.float32())} (values of any numeric type)"
+            )
+        columns[name] = (tuple(shape), dtype)
+    return out_format, columns
 
 
 def read_sparse(
@@ -108,18 +193,13 @@ def read_sparse(
     Works on ``--format coo`` and ``--format dense`` outputs alike; values keep the column's
     dtype. ``columns`` picks some of the sparsified columns (``"a,b"`` or a list, as
     ``preprocess`` takes them; default: all of them). Other columns are ordinary Parquet: read
-    them with ``pyarrow.parquet.read_table``.
+    them with ``pyarrow.parquet.read_table``. A file pipesparse did not write, or whose
+    ``pipesparse`` metadata or sparsified columns are broken, raises a
+    :class:`~pipesparse.shards.ShardError` naming the file and what is wrong.
     """
     if isinstance(columns, str):
         columns = [name.strip() for name in columns.split(",") if name.strip()]
-    schema = pq.read_schema(path)
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        raise ValueError(
-            f"{path} was not written by pipesparse (no {METADATA_KEY.decode()!r} metadata)"
-        )
-    meta = json.loads(raw)
-    known = meta["columns"]
+    out_format, known = _read_metadata(str(path), pq.read_schema(path))
     wanted = list(known) if columns is None else list(columns)
     unknown = [c for c in wanted if c not in known]
     if unknown:
@@ -127,12 +207,12 @@ def read_sparse(
     table = pq.read_table(path, columns=wanted)
     out = {}
     for name in wanted:
-        shape, dtype = tuple(known[name]["shape"]), _torch_dtype(known[name]["dtype"])
-        if meta["format"] == "coo":
+        shape, dtype = known[name]
+        if out_format == "coo":
             try:
                 out[name] = decode(table.column(name), shape, dtype)
             except ValueError as err:
-                raise ValueError(f"{path}, column {name!r}: {err}") from None
+                raise ShardError(str(path), str(err), column=name) from None
         else:
             spec = ColumnSpec(name, shape, str(path))
             values = to_numpy(table.column(name), spec, str(path), 0)  # integers stay exact

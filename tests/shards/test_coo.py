@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipesparse.shards import ShardError
 from pipesparse.shards.coo import METADATA_KEY, coo_type, decode, encode, read_sparse
 from pipesparse.shards.preprocess import preprocess
 
@@ -79,8 +80,94 @@ def test_read_sparse_picks_columns_and_rejects_others(tmp_path, shards_dir):
 
 
 def test_read_sparse_refuses_a_foreign_file(shards_dir):
-    with pytest.raises(ValueError, match="not written by pipesparse"):
+    with pytest.raises(ShardError, match="not written by pipesparse") as info:
         read_sparse(shards_dir / "part-00.parquet")
+    assert info.value.file == str(shards_dir / "part-00.parquet")
+
+
+_VEC = {"shape": [8], "dtype": "float"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"{not json", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", r"\[1, 2\], not a JSON object"),
+        (json.dumps({"columns": {"vec": _VEC}}), "no key 'format'"),
+        (json.dumps({"format": "coo"}), "no key 'columns'"),
+        (json.dumps({"format": "csr", "columns": {"vec": _VEC}}), "format is 'csr'"),
+        (
+            json.dumps({"format": "coo", "columns": ["vec"]}),
+            r"'columns' is \['vec'\], expected an object",
+        ),
+        (
+            json.dumps({"format": "coo", "columns": {"vec": 3}}),
+            r"columns\['vec'\] is 3, expected an object",
+        ),
+        (json.dumps({"format": "coo", "columns": {"vec": {"dtype": "float"}}}), "no key 'shape'"),
+        (json.dumps({"format": "coo", "columns": {"vec": {"shape": [8]}}}), "no key 'dtype'"),
+        (
+            json.dumps({"format": "coo", "columns": {"vec": {"shape": "8", "dtype": "float"}}}),
+            r"\['shape'\] is '8', expected a non-empty list of non-negative ints",
+        ),
+        (
+            json.dumps({"format": "coo", "columns": {"vec": {"shape": [-8], "dtype": "float"}}}),
+            r"\['shape'\] is \[-8\]",
+        ),
+        (
+            json.dumps({"format": "coo", "columns": {"vec": {"shape": [True], "dtype": "float"}}}),
+            r"\['shape'\] is \[True\]",
+        ),
+        (
+            json.dumps({"format": "coo", "columns": {"vec": {"shape": [8], "dtype": "floaty"}}}),
+            r"\['dtype'\] is 'floaty', expected a numeric Arrow type",
+        ),
+        (
+            json.dumps({"format": "coo", "columns": {"vec": {"shape": [8], "dtype": 3}}}),
+            r"\['dtype'\] is 3",
+        ),
+        (
+            json.dumps({"format": "coo", "columns": {"vec": {"shape": [8], "dtype": "string"}}}),
+            r"\['dtype'\] is 'string'",
+        ),
+        (
+            json.dumps({"format": "coo", "columns": {"zzz": _VEC}}),
+            "column 'zzz' it records is not in the file",
+        ),
+        (
+            json.dumps({"format": "coo", "columns": {"label": _VEC}}),
+            "column 'label' has type string, not the COO struct",
+        ),
+    ],
+)
+def test_read_sparse_names_the_file_and_the_problem_of_broken_metadata(
+    tmp_path, shards_dir, raw, problem
+):
+    """Broken metadata raised a bare JSONDecodeError, KeyError, TypeError or AttributeError."""
+    preprocess([str(shards_dir)], tmp_path / "o", "vec", "norm", out_format="coo", quiet=True)
+    table = pq.read_table(tmp_path / "o" / "part-00.parquet")
+    raw = raw if isinstance(raw, bytes) else raw.encode()
+    path = tmp_path / "broken.parquet"
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: raw}), path)
+    with pytest.raises(ShardError, match=problem) as info:
+        read_sparse(path)
+    assert info.value.file == str(path)
+    assert "broken 'pipesparse' schema metadata" in str(info.value)
+
+
+def test_read_sparse_names_the_file_of_a_bad_coo_row(tmp_path, shards_dir):
+    preprocess([str(shards_dir)], tmp_path / "o", "vec", "norm", out_format="coo", quiet=True)
+    table = pq.read_table(tmp_path / "o" / "part-00.parquet")
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    meta["columns"]["vec"]["shape"] = [2]
+    path = tmp_path / "short.parquet"
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), path)
+    with pytest.raises(
+        ShardError, match=r"short.parquet, column 'vec': COO row 0 has index"
+    ) as info:
+        read_sparse(path)
+    assert info.value.column == "vec"
 
 
 def test_read_sparse_takes_columns_as_a_string_like_preprocess(tmp_path, shards_dir):
