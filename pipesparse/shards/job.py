@@ -133,7 +133,7 @@ class Job:
         sparse = {c.name for c in self.columns}
         value_types = {name: list_levels(schema.field(name).type)[1] for name in sparse}
         fields = [
-            pa.field(f.name, coo_type(value_types[f.name]))
+            f.with_type(coo_type(value_types[f.name]))  # keeps nullability and field metadata
             if self.out_format == "coo" and f.name in sparse
             else f
             for f in schema

@@ -198,3 +198,27 @@ def test_decode_refuses_coo_rows_it_would_misplace():
     )
     with pytest.raises(ValueError, match="row 0 has 2 indices and 1 values"):
         decode(unpaired, (4,), torch.float32)
+
+
+@pytest.mark.parametrize("engine", ["local", "hf"])
+def test_coo_output_keeps_the_column_nullability_and_field_metadata(tmp_path, engine):
+    """The COO column was a fresh nullable field without metadata; dense output keeps both."""
+    field = pa.field("e", pa.list_(pa.float32()), nullable=False, metadata={b"unit": b"cm"})
+    schema = pa.schema([field, pa.field("id", pa.int64())])
+    rows = [[1.0, 0.5, 2.0, 0.1], [0.2, 3.0, 0.0, 1.0]]
+    table = pa.table([pa.array(rows, field.type), pa.array([0, 1])], schema=schema)
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "s.parquet")
+    for fmt in ("dense", "coo"):
+        out = tmp_path / f"{engine}-{fmt}"
+        preprocess(
+            [str(tmp_path / "in")], out, "e", "threshold", out_format=fmt, engine=engine, quiet=True
+        )
+        written = pq.read_schema(out / "s.parquet").field("e")
+        assert not written.nullable, fmt
+        assert written.metadata == {b"unit": b"cm"}, fmt
+    assert written.type == coo_type(pa.float32())
+    dense, coo = (
+        read_sparse(tmp_path / f"{engine}-{f}" / "s.parquet")["e"] for f in ("dense", "coo")
+    )
+    assert torch.equal(dense, coo)
