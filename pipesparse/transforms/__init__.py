@@ -1,7 +1,7 @@
 """Pipeline adapters: one :class:`SparsifyTransform` wrapped for each kind of data pipeline."""
 
 from pipesparse.transforms.collate import SparsifyCollate
-from pipesparse.transforms.core import SparsifyTransform
+from pipesparse.transforms.core import SparsifyTransform, UnsupportedContainerWarning
 from pipesparse.transforms.hf import hf_map_fn
 from pipesparse.transforms.nodes import SparsifyNode
 from pipesparse.transforms.sharing import sync_masks
@@ -10,6 +10,7 @@ __all__ = [
     "SparsifyCollate",
     "SparsifyNode",
     "SparsifyTransform",
+    "UnsupportedContainerWarning",
     "hf_map_fn",
     "sync_masks",
 ]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+import itertools
+from collections.abc import Collection, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,22 +50,60 @@ def _children(node: Any) -> Iterator[tuple[Any, Any]]:
     return iter(())
 
 
-def _collect(node: Any, path: Path, found: list[tuple[Path, Any]]) -> None:
+def _collect(
+    node: Any, path: Path, found: list[tuple[Path, Any]], opaque: list[Any] | None = None
+) -> None:
     if isinstance(node, (torch.Tensor, np.ndarray)):
         if is_float_array(node):
             found.append((path, node))
         return
+    if not isinstance(node, (Mapping, tuple, list)) and not _is_dataclass(node):
+        if opaque is not None:  # an object select does not look into
+            opaque.append(node)
+        return
     for key, child in _children(node):
         if type(child) not in _SCALARS:  # lists of ids / strings are skipped cheaply
-            _collect(child, path + (key,), found)
+            _collect(child, path + (key,), found, opaque)
 
 
-def select(batch: Any, keys: tuple[Any, ...] | None) -> list[tuple[Path, Any]]:
+_OPAQUE_SCALARS = (str, bytes, bytearray, memoryview, range)
+_LOOKED_AT = 1024  # items or attributes of an opaque object holds_float_array looks at
+
+
+def holds_float_array(node: Any) -> bool:
+    """Whether ``node``, an object :func:`select` does not look into, holds a floating tensor or
+    array: among its first items (a deque, a set ...) or attributes (an object of another
+    class), or in dicts, tuples, lists or dataclasses there. Never consumes an iterator."""
+    if isinstance(node, _OPAQUE_SCALARS):
+        return False
+    try:
+        if isinstance(node, Collection):
+            values = iter(node)
+        elif hasattr(node, "__dict__"):
+            values = iter(vars(node).values())
+        else:
+            return False
+        found: list[tuple[Path, Any]] = []
+        for value in itertools.islice(values, _LOOKED_AT):
+            if type(value) not in _SCALARS:
+                _collect(value, (), found)
+                if found:
+                    return True
+    except Exception:  # a container that cannot be iterated or read: nothing to tell
+        return False
+    return False
+
+
+def select(
+    batch: Any, keys: tuple[Any, ...] | None, opaque: list[Any] | None = None
+) -> list[tuple[Path, Any]]:
     """``(path, entry)`` of the entries to sparsify: the top-level ``keys`` of the batch, or
-    every floating tensor / array anywhere in it when ``keys`` is None."""
+    every floating tensor / array anywhere in it when ``keys`` is None; then the objects it
+    does not look into (anything but tensors, arrays, mappings, tuples, lists, dataclasses and
+    scalars) are appended to ``opaque``, if given."""
     if keys is None:
         found: list[tuple[Path, Any]] = []
-        _collect(batch, (), found)
+        _collect(batch, (), found, opaque)
         return found
     if isinstance(batch, (torch.Tensor, np.ndarray)):
         raise TypeError(

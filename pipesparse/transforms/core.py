@@ -29,12 +29,30 @@ from pipesparse.errors import CorruptStateError
 from pipesparse.transforms import _structure
 from pipesparse.transforms._mask_version import MaskVersion
 
-__all__ = ["SparsifyTransform", "TRANSFORM_STATE_FORMAT", "entry_mask_names"]
+__all__ = [
+    "SparsifyTransform",
+    "TRANSFORM_STATE_FORMAT",
+    "UnsupportedContainerWarning",
+    "entry_mask_names",
+]
 
 TRANSFORM_STATE_FORMAT = "pipesparse.transform/1"
 _UPDATES = ("every_batch", "frozen")
 _MASK_OVER = ("batch", "features")
 _SUMMED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # mean |x| in own dtype
+
+
+class UnsupportedContainerWarning(UserWarning):
+    """A ``keys=None`` transform met floating tensors or arrays inside an object it does not
+    look into (a deque, a set, an object of another class): they come back unmasked."""
+
+
+def _type_name(kind: type) -> str:
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
 
 
 def entry_mask_names(name: str, paths: list[tuple[Any, ...]]) -> list[str]:
@@ -122,7 +140,9 @@ class SparsifyTransform:
         name: the name batches are registered under; with several selected entries each gets
             its own mask ``f"{name}_{key}"`` (``key`` is the index for tuples/lists).
         keys: which entries of a dict/tuple/list batch to sparsify; None: every floating tensor
-            or numpy array anywhere in the batch. Other entries pass through as the same objects.
+            or numpy array anywhere in the batch's dicts, tuples, lists and dataclasses (floats
+            in any other object, such as a deque, give an UnsupportedContainerWarning). Other
+            entries pass through as the same objects.
         device: move the selected entries there before masking (masks are computed on the
             batch's device). ``"cuda"`` without CUDA warns once and stays on the CPU.
         update: ``"every_batch"`` (a fresh mask from each batch), ``"frozen"`` (fitted on the
@@ -179,6 +199,8 @@ class SparsifyTransform:
         self._slots: dict[str, torch.Tensor] = {}  # the tensors registered, see _repoint
         # persistent masks: their writer (this process) and its sequence counter, see _owned
         self._version = MaskVersion() if self.persistent else None
+        # names of the types UnsupportedContainerWarning was given for (names: picklable)
+        self._warned_types: set[str] = set()
 
     # -- the per-batch path -----------------------------------------------------------------
     def __call__(self, batch: Any) -> Any:
@@ -197,8 +219,28 @@ class SparsifyTransform:
         masked out of place, and so are batches holding an inference tensor."""
         return self._masked(batch, in_place=True)
 
+    def _select(self, batch: Any, stacklevel: int) -> list[tuple[tuple[Any, ...], Any]]:
+        """The entries to sparsify; with ``keys=None``, a warning (once per type) for each kind
+        of object in the batch that holds floating data the transform cannot reach."""
+        opaque: list[Any] = []
+        entries = _structure.select(batch, self.keys, opaque)
+        for node in opaque:
+            name = _type_name(type(node))
+            if name in self._warned_types or not _structure.holds_float_array(node):
+                continue
+            warnings.warn(
+                f"SparsifyTransform(keys=None) does not look into a {name}: the floating tensors "
+                f"or arrays in it are returned unmasked. It looks into tensors, numpy arrays, dicts "
+                f"(any Mapping), tuples, lists and dataclasses: make the {name} one of these "
+                "(warned once per transform and type)",
+                UnsupportedContainerWarning,
+                stacklevel=stacklevel + 1,
+            )
+            self._warned_types.add(name)
+        return entries
+
     def _masked(self, batch: Any, in_place: bool) -> Any:
-        entries = _structure.select(batch, self.keys)
+        entries = self._select(batch, stacklevel=3)
         if not entries:
             return batch
         names = self._mask_names([path for path, _ in entries])
@@ -234,7 +276,7 @@ class SparsifyTransform:
     def fit(self, batch: Any) -> None:
         """Compute the masks from ``batch`` now, whatever the policy (e.g. re-calibrate a frozen
         transform); running DataLoader workers see the new masks from their next batch."""
-        entries = _structure.select(batch, self.keys)
+        entries = self._select(batch, stacklevel=2)
         if not entries:
             raise ValueError(
                 f"fit needs a batch with a floating tensor or array to sparsify; got a "
@@ -525,6 +567,7 @@ class SparsifyTransform:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_warned_types", set())  # pickled before there was one
         if self.persistent:
             if self.__dict__.get("_version") is None:  # pickled before there was one
                 self._version = MaskVersion()

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from pipesparse import CorruptStateError, DataNormSparsifier, ThresholdSparsifier
 from pipesparse.sparsifiers.norm import norm_keep_mask
-from pipesparse.transforms import SparsifyTransform
+from pipesparse.transforms import SparsifyTransform, UnsupportedContainerWarning
 
 Pair = namedtuple("Pair", ["x", "y"])
 
@@ -753,3 +753,107 @@ def test_memory_is_flat_over_10000_batches(update):
         transform(batch)
     assert live_tensors() == tensors
     assert len(gc.get_objects()) - objects < 50  # flat: no growth with the number of batches
+
+
+class _Holder:
+    """A batch class the transform does not look into (not a Mapping, sequence or dataclass)."""
+
+    def __init__(self, x):
+        self.x = x
+
+
+def _unsupported_batches():
+    from collections import deque
+
+    x = torch.randn(4, 8)
+    return [
+        ("collections.deque", deque([x])),
+        ("frozenset", frozenset([x])),
+        ("collections.UserList", __import__("collections").UserList([x])),
+        (f"{__name__}._Holder", _Holder(x)),
+        (f"{__name__}._Holder", _Holder({"x": np.ones((4, 8), np.float32)})),
+        ("collections.deque", {"y": torch.arange(4), "more": deque([x])}),  # nested
+    ]
+
+
+@pytest.mark.parametrize(("type_name", "batch"), _unsupported_batches())
+def test_keys_none_warns_once_per_type_about_floats_it_cannot_reach(type_name, batch):
+    """A deque, set or object of another class came back with its tensors unmasked, silently."""
+    tf = SparsifyTransform(norm())
+    with pytest.warns(UnsupportedContainerWarning, match=type_name) as record:
+        assert tf(batch) is batch
+    assert len(record) == 1
+    assert "unmasked" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tf(batch)  # once per transform and type
+        pickle.loads(pickle.dumps(tf))(batch)  # a worker's copy knows it warned (picklable)
+    with pytest.warns(UnsupportedContainerWarning, match=type_name):
+        SparsifyTransform(norm())(batch)  # another transform warns again
+
+
+def test_keys_none_warns_next_to_floats_it_masks():
+    from collections import deque
+
+    x, hidden = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.warns(UnsupportedContainerWarning, match="collections.deque"):
+        out = SparsifyTransform(norm())({"x": x, "extra": deque([hidden])})
+    assert torch.equal(out["x"], expected_batch(x))
+    assert out["extra"][0] is hidden
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        {"ids": torch.arange(8), "label": 3},  # no float tensor: skipped on purpose
+        {"x": torch.randn(4, 8), "y": np.int64(3), "tags": {"a", "b"}, "obj": _Holder("text")},
+        (torch.randn(4, 8), _Holder(torch.arange(3))),  # an integer tensor out of reach
+        _Holder(None),
+        "text",
+    ],
+)
+def test_keys_none_does_not_warn_without_unreachable_floats(batch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SparsifyTransform(norm())(batch)
+
+
+def test_fit_keys_none_names_the_container_it_cannot_look_into():
+    from collections import deque
+
+    with pytest.warns(UnsupportedContainerWarning, match="collections.deque"):
+        with pytest.raises(ValueError, match="fit needs a batch"):
+            SparsifyTransform(norm(), update="frozen").fit(deque([torch.randn(4, 8)]))
+
+
+def test_dataloader_workers_warn_at_most_once_per_type(tmp_path):
+    from collections import deque
+
+    from torch.utils.data import DataLoader
+
+    def collate(items):
+        return deque([torch.stack(items)])
+
+    def init(_):
+        warnings.simplefilter("always")
+        log = tmp_path / f"w{torch.utils.data.get_worker_info().id}.txt"
+
+        def show(message, category, *args, **kwargs):
+            with open(log, "a") as f:
+                f.write(f"{category.__name__}\n")
+
+        warnings.showwarning = show
+
+    tf = SparsifyTransform(norm())
+    loader = DataLoader(
+        [torch.randn(8) for _ in range(32)],
+        batch_size=2,
+        num_workers=2,
+        collate_fn=lambda items: tf(collate(items)),
+        worker_init_fn=init,
+        multiprocessing_context="fork",
+        timeout=60,
+    )
+    assert len(list(loader)) == 16
+    logs = sorted(p.read_text() for p in tmp_path.glob("w*.txt"))
+    assert logs == ["UnsupportedContainerWarning\n"] * 2
