@@ -22,25 +22,36 @@ __all__ = ["QuantizedEmbeddingBag", "post_training_sparse_quantize", "quantize_z
 
 _SUPPORTED = (nn.Embedding, nn.EmbeddingBag)
 _QMAX = 255  # torch.quint8
+# the largest scale with 16 significant bits whose 128 steps stay within the float32 maximum
+# ((2**24 - 1) * 2**104): a grid holding 0 has 128 steps on one side, and each grid point
+# (q - zero_point) * scale must be a float32 (the kernels' bias, -zero_point * scale, too)
+_MAX_SCALE = (2**16 - 1) * 2.0**105
 
 
 def quantize_zero_exact(weight: torch.Tensor) -> torch.Tensor:
     """Per-row quint8 quantization (the scheme quantized embeddings need) that stores 0.0 exactly.
 
-    The range of each row is widened to include 0; the error of any entry is at most half a step.
-    The step is at least the smallest normal float32 (~1.2e-38): smaller values round to 0.
+    The range of each row is widened to include 0; the error of any entry is at most half a
+    step (at most 1.002 steps for an entry within a step of the float32 maximum, ~3.4e38, as
+    every grid point must be a float32). The step is at least the smallest normal float32
+    (~1.2e-38): smaller values round to 0.
     """
     w = weight.detach().float()
-    low = w.amin(dim=1).clamp(max=0)
-    high = w.amax(dim=1).clamp(min=0)
+    fmax = torch.finfo(torch.float32).max
+    wide = w.double()  # a row's range may pass the float32 maximum: 3e38 - -3e38
+    low = wide.amin(dim=1).clamp(max=0)
+    high = wide.amax(dim=1).clamp(min=0)
     scale = (high - low) / _QMAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row
     mantissa, exponent = torch.frexp(scale)
     scale = torch.ldexp(torch.ceil(mantissa * 2**16) / 2**16, exponent)
+    # (a row holding inf or NaN keeps its non-finite scale: it is NaN, as in torch.ao)
+    scale = torch.where(scale.isfinite(), scale.clamp(max=_MAX_SCALE), scale)
     # a subnormal scale has an inverse that overflows float32 in the quantize kernels
     scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
-    zero_point = torch.round(-low / scale).clamp(0, _QMAX)
-    return torch.quantize_per_channel(w, scale.double(), zero_point, axis=0, dtype=torch.quint8)
+    steps = torch.floor(fmax / scale)  # steps from 0 whose grid points are float32: >= 128
+    zero_point = torch.round(-low / scale).clamp(min=_QMAX - steps, max=steps).clamp(0, _QMAX)
+    return torch.quantize_per_channel(w, scale, zero_point.float(), axis=0, dtype=torch.quint8)
 
 
 class QuantizedEmbeddingBag(nnq.EmbeddingBag):

@@ -367,3 +367,57 @@ def test_bad_arguments_leave_the_model_alone():
     assert type(model.emb1) is nn.Embedding
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+FMAX = torch.finfo(torch.float32).max
+HUGE_ROWS = [
+    [1.7e38, -1.7e38, 0.0, 1.0],
+    [1.71e38, -1.71e38, 0.0, 1.0],  # range past the float32 maximum
+    [3e38, -1e38, 0.0, 1.0],
+    [FMAX, -FMAX, 0.0, 1.0],
+    [FMAX, 0.0, 0.0, 1.0],  # a grid rounded up past the maximum
+    [-FMAX, 0.0, 0.0, 1.0],
+    [1.0, -2.0, 0.0, 0.5],
+]
+
+
+def test_zero_exact_quantization_of_rows_near_the_float32_maximum():
+    """A row whose range passed the float32 maximum (values of both signs from about 1.7e38)
+    had an infinite scale and came back as NaN (torch.ao's quantization too); a row reaching
+    +-3.4e38 came back inf, and its zeros -inf from the embedding kernels."""
+    weight = torch.tensor(HUGE_ROWS)
+    qweight = quantize_zero_exact(weight)
+    scales = qweight.q_per_channel_scales()
+    dense = qweight.dequantize()
+    assert torch.isfinite(scales).all() and torch.isfinite(dense).all()
+    assert (dense[weight == 0] == 0).all()
+    error = (dense.double() - weight.double()).abs()
+    # about one step (1.002) at most where half a step would leave float32
+    assert (error <= 1.01 * scales[:, None]).all()
+    assert (error[[0, 2, 6]] <= scales[[0, 2, 6], None] / 2).all()  # half a step elsewhere
+    module = nnq.Embedding(len(HUGE_ROWS), 4)
+    module.set_weight(qweight)
+    out = module(torch.arange(len(HUGE_ROWS)))
+    assert torch.equal(out, dense)
+    bag = nnq.EmbeddingBag(len(HUGE_ROWS), 4, mode="sum")
+    bag.set_weight(qweight)
+    assert torch.equal(bag(torch.arange(len(HUGE_ROWS)), torch.arange(len(HUGE_ROWS))), dense)
+
+
+def test_rows_holding_inf_or_nan_stay_nan_as_in_torch_ao():
+    weight = torch.tensor(
+        [[float("inf"), 1.0, 0.0], [float("nan"), 1.0, 0.0], [-float("inf"), 0, 1]]
+    )
+    assert quantize_zero_exact(weight).dequantize().isnan().all()
+
+
+@pytest.mark.parametrize("sparsify_first", [True, False])
+def test_huge_embedding_rows_stay_finite_in_both_orders(sparsify_first):
+    model = nn.Sequential(nn.Embedding(len(HUGE_ROWS), 4))
+    model[0].weight.data = torch.tensor(HUGE_ROWS)
+    post_training_sparse_quantize(
+        model, DataNormSparsifier, sparsify_first, sparsity_level=0.25, sparse_block_shape=(1, 1)
+    )
+    out = model[0](torch.arange(len(HUGE_ROWS)))
+    assert torch.isfinite(out).all()
+    assert ((out == 0).sum(dim=1) >= 1).all()  # each row's pruned entry is still 0
