@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import reprlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +187,19 @@ def _read_metadata(
     return out_format, columns
 
 
+@contextmanager
+def _reading(path: str | Path) -> Iterator[None]:
+    """pyarrow's errors on a damaged file as a ShardError naming it (one line); a missing file
+    stays a FileNotFoundError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ShardError(str(path), f"cannot read the file: {'; '.join(lines)}") from None
+
+
 def read_sparse(
     path: str | Path, columns: str | list[str] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -199,12 +214,15 @@ def read_sparse(
     """
     if isinstance(columns, str):
         columns = [name.strip() for name in columns.split(",") if name.strip()]
-    out_format, known = _read_metadata(str(path), pq.read_schema(path))
+    with _reading(path):
+        schema = pq.read_schema(path)
+    out_format, known = _read_metadata(str(path), schema)
     wanted = list(known) if columns is None else list(columns)
     unknown = [c for c in wanted if c not in known]
     if unknown:
         raise ValueError(f"{path}: {unknown} are not sparsified columns; these are: {list(known)}")
-    table = pq.read_table(path, columns=wanted)
+    with _reading(path):
+        table = pq.read_table(path, columns=wanted)
     out = {}
     for name in wanted:
         shape, dtype = known[name]

@@ -222,3 +222,24 @@ def test_coo_output_keeps_the_column_nullability_and_field_metadata(tmp_path, en
         read_sparse(tmp_path / f"{engine}-{f}" / "s.parquet")["e"] for f in ("dense", "coo")
     )
     assert torch.equal(dense, coo)
+
+
+def test_read_sparse_names_a_damaged_file(tmp_path, damaged):
+    """A file that is not Parquet, or whose pages are damaged, raised pyarrow's error, which
+    does not name the file."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(
+        pa.table({"e": pa.array([[1.0, 2.0]] * 50, pa.list_(pa.float32()))}),
+        tmp_path / "in" / "s.parquet",
+    )
+    preprocess([str(tmp_path / "in")], tmp_path / "o", "e", "norm", out_format="coo", quiet=True)
+    broken = tmp_path / "o" / "s.parquet"
+    damaged(broken)  # the first page is column e's
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not a parquet file")
+    for path in (broken, garbage):
+        with pytest.raises(ShardError, match="cannot read the file") as info:
+            read_sparse(path)
+        assert info.value.file == str(path)
+    with pytest.raises(FileNotFoundError):
+        read_sparse(tmp_path / "missing.parquet")
