@@ -212,8 +212,11 @@ def read_sparse(
     ``pipesparse`` metadata or sparsified columns are broken, raises a
     :class:`~pipesparse.shards.ShardError` naming the file and what is wrong.
     """
-    if isinstance(columns, str):
-        columns = [name.strip() for name in columns.split(",") if name.strip()]
+    if columns is not None:  # as preprocess reads them: "a,b" or a list, items split at ","
+        items = [columns] if isinstance(columns, str) else list(columns)
+        columns = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"columns names a column twice: {columns}")
     with _reading(path):
         schema = pq.read_schema(path)
     out_format, known = _read_metadata(str(path), schema)

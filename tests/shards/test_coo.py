@@ -243,3 +243,14 @@ def test_read_sparse_names_a_damaged_file(tmp_path, damaged):
         assert info.value.file == str(path)
     with pytest.raises(FileNotFoundError):
         read_sparse(tmp_path / "missing.parquet")
+
+
+def test_read_sparse_takes_columns_as_preprocess_does(tmp_path, shards_dir):
+    """A column named twice raised pyarrow's KeyError 'Field "vec" exists 2 times in schema',
+    and a list item "img,vec" (preprocess splits it) was one unknown column."""
+    preprocess([str(shards_dir)], tmp_path / "o", "vec,img", "threshold", quiet=True)
+    path = tmp_path / "o" / "part-01.parquet"
+    assert list(read_sparse(path, ["img,vec"])) == ["img", "vec"]
+    for columns in ("vec,vec", ["vec", "vec"], ["vec", "img,vec"]):
+        with pytest.raises(ValueError, match="names a column twice"):
+            read_sparse(path, columns)
