@@ -51,15 +51,15 @@ def _children(node: Any) -> Iterator[tuple[Any, Any]]:
 
 
 def _collect(
-    node: Any, path: Path, found: list[tuple[Path, Any]], opaque: list[Any] | None = None
+    node: Any, path: Path, found: list[tuple[Path, Any]], opaque: dict[type, Any] | None = None
 ) -> None:
     if isinstance(node, (torch.Tensor, np.ndarray)):
         if is_float_array(node):
             found.append((path, node))
         return
     if not isinstance(node, (Mapping, tuple, list)) and not _is_dataclass(node):
-        if opaque is not None:  # an object select does not look into
-            opaque.append(node)
+        if opaque is not None:  # an object select does not look into: the first of its type
+            opaque.setdefault(type(node), node)
         return
     for key, child in _children(node):
         if type(child) not in _SCALARS:  # lists of ids / strings are skipped cheaply
@@ -95,12 +95,12 @@ def holds_float_array(node: Any) -> bool:
 
 
 def select(
-    batch: Any, keys: tuple[Any, ...] | None, opaque: list[Any] | None = None
+    batch: Any, keys: tuple[Any, ...] | None, opaque: dict[type, Any] | None = None
 ) -> list[tuple[Path, Any]]:
     """``(path, entry)`` of the entries to sparsify: the top-level ``keys`` of the batch, or
-    every floating tensor / array anywhere in it when ``keys`` is None; then the objects it
-    does not look into (anything but tensors, arrays, mappings, tuples, lists, dataclasses and
-    scalars) are appended to ``opaque``, if given."""
+    every floating tensor / array anywhere in it when ``keys`` is None; then the first object
+    of each type it does not look into (anything but tensors, arrays, mappings, tuples, lists,
+    dataclasses and scalars) goes into ``opaque``, if given, under its type."""
     if keys is None:
         found: list[tuple[Path, Any]] = []
         _collect(batch, (), found, opaque)

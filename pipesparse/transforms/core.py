@@ -199,8 +199,8 @@ class SparsifyTransform:
         self._slots: dict[str, torch.Tensor] = {}  # the tensors registered, see _repoint
         # persistent masks: their writer (this process) and its sequence counter, see _owned
         self._version = MaskVersion() if self.persistent else None
-        # names of the types UnsupportedContainerWarning was given for (names: picklable)
-        self._warned_types: set[str] = set()
+        # names of the types _select has looked into (names: picklable)
+        self._checked_types: set[str] = set()
 
     # -- the per-batch path -----------------------------------------------------------------
     def __call__(self, batch: Any) -> Any:
@@ -220,23 +220,27 @@ class SparsifyTransform:
         return self._masked(batch, in_place=True)
 
     def _select(self, batch: Any, stacklevel: int) -> list[tuple[tuple[Any, ...], Any]]:
-        """The entries to sparsify; with ``keys=None``, a warning (once per type) for each kind
-        of object in the batch that holds floating data the transform cannot reach."""
-        opaque: list[Any] = []
+        """The entries to sparsify; with ``keys=None``, a warning for each type of object the
+        transform cannot reach that holds floating data. Each type is looked into once, in the
+        first batch it appears in (its first object there): a batch that carries, say, a list of
+        256 records of a class costs one look, not 256 every batch."""
+        opaque: dict[type, Any] = {}
         entries = _structure.select(batch, self.keys, opaque)
-        for node in opaque:
-            name = _type_name(type(node))
-            if name in self._warned_types or not _structure.holds_float_array(node):
+        for kind, node in opaque.items():
+            name = _type_name(kind)
+            if name in self._checked_types:
+                continue
+            self._checked_types.add(name)
+            if not _structure.holds_float_array(node):
                 continue
             warnings.warn(
                 f"SparsifyTransform(keys=None) does not look into a {name}: the floating tensors "
                 f"or arrays in it are returned unmasked. It looks into tensors, numpy arrays, dicts "
                 f"(any Mapping), tuples, lists and dataclasses: make the {name} one of these "
-                "(warned once per transform and type)",
+                "(each type is looked into once per transform)",
                 UnsupportedContainerWarning,
                 stacklevel=stacklevel + 1,
             )
-            self._warned_types.add(name)
         return entries
 
     def _masked(self, batch: Any, in_place: bool) -> Any:
@@ -567,7 +571,7 @@ class SparsifyTransform:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.__dict__.setdefault("_warned_types", set())  # pickled before there was one
+        self.__dict__.setdefault("_checked_types", set())  # pickled before there was one
         if self.persistent:
             if self.__dict__.get("_version") is None:  # pickled before there was one
                 self._version = MaskVersion()

@@ -857,3 +857,21 @@ def test_dataloader_workers_warn_at_most_once_per_type(tmp_path):
     assert len(list(loader)) == 16
     logs = sorted(p.read_text() for p in tmp_path.glob("w*.txt"))
     assert logs == ["UnsupportedContainerWarning\n"] * 2
+
+
+def test_keys_none_looks_into_each_unsupported_type_once(monkeypatch):
+    """A batch carrying many objects of a class (records, images) costs one look per type, in
+    the first batch, not one per object in every batch."""
+    from pipesparse.transforms import _structure
+
+    looked = []
+    real = _structure.holds_float_array
+    monkeypatch.setattr(
+        _structure, "holds_float_array", lambda node: looked.append(node) or real(node)
+    )
+    tf = SparsifyTransform(norm())
+    batch = {"x": torch.randn(4, 8), "meta": [_Holder(i) for i in range(256)], "tags": {"a"}}
+    for _ in range(3):
+        out = tf(batch)
+    assert torch.equal(out["x"], expected_batch(batch["x"]))
+    assert [type(node) for node in looked] == [_Holder, set]
