@@ -31,6 +31,7 @@ from pipesparse.shards.columns import (
 from pipesparse.shards.config import SPARSIFIERS, make_sparsifier, sparsifier_class
 from pipesparse.shards.coo import coo_type, encode, output_metadata
 from pipesparse.shards.inputs import Shard, file_sha256
+from pipesparse.shards.manifest import state_dict_to_json
 from pipesparse.shards.schema import parse_columns, resolve_columns
 from pipesparse.shards.state import (
     FIT_FORMAT,
@@ -92,6 +93,10 @@ class Job:
             "format": self.out_format,
             "masks": self.masks,
             "state": self.state_info,
+            # the masks themselves (none for per-row masks), not only the state file's checksum
+            "state_dict": state_dict_to_json(
+                self.make_transform().sparsifier.state_dict(include_data=False)
+            ),
         }
 
     def _check_rows_fit_the_rule(self) -> None:

@@ -3,7 +3,9 @@
 The manifest is rewritten atomically after every finished shard, so it always lists exactly
 the shards that are complete on disk (each with its rows and sha256). ``job`` is the identity
 of the run (sparsifier, config, columns, format, mask mode, state file checksum, input shard
-checksums); a rerun resumes only when its job is the same.
+checksums); a rerun resumes only when its job is the same. The job also records the
+sparsifier's ``state_dict`` (masks as nested lists, see :func:`state_dict_to_json`), so the
+folder says which masks made it even once the state file is gone.
 
 A loaded manifest is checked key by key (types, and shard names that are plain relative paths
 ending in ``.parquet``, never leaving the folder), since resuming and ``--overwrite`` delete
@@ -13,14 +15,24 @@ files by those names.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from pipesparse.base import _dtype_from_name
 from pipesparse.shards.errors import ManifestError
 from pipesparse.shards.inputs import file_sha256
 from pipesparse.shards.writer import atomic_write_bytes
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_NAME", "Manifest"]
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "Manifest",
+    "state_dict_from_json",
+    "state_dict_to_json",
+]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "pipesparse.manifest/1"
@@ -36,6 +48,29 @@ _STATE_TYPES = {"path": str, "sha256": str}
 _INPUT_TYPES = {"path": str, "sha256": str, "bytes": int}
 _SHARD_TYPES = {"rows": int, "bytes": int, "sha256": str}
 _TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", type(None): "null"}
+
+
+def state_dict_to_json(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A sparsifier's ``state_dict()`` (without data) as plain JSON: each mask as nested lists
+    of its values (``mask.tolist()``) with its shape; configs with tuples as lists."""
+    plain = {key: value for key, value in state_dict.items() if key not in ("state", "data")}
+    plain["state"] = {
+        name: {"mask": entry["mask"].tolist(), "shape": list(entry["mask"].shape)}
+        for name, entry in state_dict["state"].items()
+    }
+    return json.loads(json.dumps(plain, default=str))
+
+
+def state_dict_from_json(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """The state_dict :func:`state_dict_to_json` recorded, masks as tensors again (in the dtype
+    ``mask_dtypes`` names): ``sparsifier.load_state_dict`` takes it."""
+    dtypes = recorded.get("mask_dtypes") or {}
+    state = {}
+    for name, entry in recorded["state"].items():
+        dtype = _dtype_from_name(name, dtypes.get(name, "torch.bool"))
+        mask = torch.tensor(entry["mask"], dtype=dtype).reshape(entry["shape"])
+        state[name] = {"mask": mask}
+    return {**recorded, "state": state}
 
 
 def _is_shard_name(name: str) -> bool:
@@ -82,6 +117,11 @@ def _check(data: Any) -> None:
     _check_fields(job, _JOB_TYPES, "job")
     if job["state"] is not None:
         _check_fields(job["state"], _STATE_TYPES, "job['state']")
+    recorded = job.get("state_dict")  # absent from manifests written before it was recorded
+    if recorded is not None and not (
+        isinstance(recorded, dict) and isinstance(recorded.get("state"), dict)
+    ):
+        raise ValueError(f"job['state_dict'] is {recorded!r}, expected a state_dict object")
     _check_entries(job["inputs"], _INPUT_TYPES, "job['inputs']")
     _check_entries(data["shards"], _SHARD_TYPES, "shards")
 
@@ -121,6 +161,12 @@ class Manifest:
                 str(path), f"not a pipesparse manifest: {err}; use --overwrite to start over"
             ) from None
         return cls(folder, data["job"], data["shards"])
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The sparsifier's state_dict the job recorded (masks as tensors; None in a manifest
+        written before it was recorded): ``sparsifier.load_state_dict`` takes it."""
+        recorded = self.job.get("state_dict")
+        return None if recorded is None else state_dict_from_json(recorded)
 
     def save(self) -> None:
         payload = {"format": MANIFEST_FORMAT, "job": self.job, "shards": self.shards}

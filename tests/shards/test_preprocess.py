@@ -57,6 +57,26 @@ def test_manifest_records_job_and_finished_shards(tmp_path, shards_dir):
     assert sum(v["rows"] for v in manifest["shards"].values()) == 60
 
 
+def test_manifest_records_the_sparsifiers_state_dict(tmp_path, shards_dir):
+    """DESIGN: the manifest records the sparsifier's state_dict (not only the state file's
+    path and checksum): the folder says which masks made it even once that file is gone."""
+    from pipesparse import DataNormSparsifier
+
+    fit([str(shards_dir)], "vec", tmp_path / "s.pt", "norm", {"sparsity_level": 0.75}, quiet=True)
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)["transform"]["sparsifier"]
+    _run(shards_dir, tmp_path / "out", columns="vec", sparsifier=None, state=str(tmp_path / "s.pt"))
+    (tmp_path / "s.pt").unlink()
+    recorded = json.loads((tmp_path / "out" / "manifest.json").read_text())["job"]["state_dict"]
+    assert recorded["state"]["batch"]["mask"] == saved["state"]["batch"]["mask"].tolist()
+    assert recorded["data_groups"]["batch"]["sparsity_level"] == 0.75
+    loaded = DataNormSparsifier()
+    loaded.load_state_dict(Manifest.load(tmp_path / "out").state_dict())
+    assert torch.equal(loaded.get_mask("batch").bool(), saved["state"]["batch"]["mask"])
+    _run(shards_dir, tmp_path / "rows", columns="vec", config={"sparsity_level": 0.75})
+    per_row = json.loads((tmp_path / "rows" / "manifest.json").read_text())["job"]
+    assert per_row["state_dict"]["state"] == {} and per_row["config"] == {"sparsity_level": 0.75}
+
+
 def test_frozen_state_masks_every_row_the_same(tmp_path, shards_dir):
     fit([str(shards_dir)], "img", tmp_path / "s.pt", "norm", {"sparsity_level": 0.75}, quiet=True)
     _run(shards_dir, tmp_path / "out", columns="img", sparsifier=None, state=str(tmp_path / "s.pt"))
