@@ -166,7 +166,14 @@ class Manifest:
         """The sparsifier's state_dict the job recorded (masks as tensors; None in a manifest
         written before it was recorded): ``sparsifier.load_state_dict`` takes it."""
         recorded = self.job.get("state_dict")
-        return None if recorded is None else state_dict_from_json(recorded)
+        if recorded is None:
+            return None
+        try:
+            return state_dict_from_json(recorded)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise ManifestError(
+                str(self.path), f"job['state_dict'] is not a recorded state_dict: {err!r}"
+            ) from None
 
     def save(self) -> None:
         payload = {"format": MANIFEST_FORMAT, "job": self.job, "shards": self.shards}

@@ -9,7 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipesparse.shards import ResumeRefusedError, ShardError, fit, preprocess, read_sparse
+from pipesparse.shards import (
+    ManifestError,
+    ResumeRefusedError,
+    ShardError,
+    fit,
+    preprocess,
+    read_sparse,
+)
 from pipesparse.shards.manifest import Manifest
 
 COLUMNS = "vec,img,fixed"
@@ -72,6 +79,10 @@ def test_manifest_records_the_sparsifiers_state_dict(tmp_path, shards_dir):
     loaded = DataNormSparsifier()
     loaded.load_state_dict(Manifest.load(tmp_path / "out").state_dict())
     assert torch.equal(loaded.get_mask("batch").bool(), saved["state"]["batch"]["mask"])
+    broken = Manifest.load(tmp_path / "out")
+    broken.job["state_dict"]["state"]["batch"] = {"mask": [[1, 0]]}  # no shape
+    with pytest.raises(ManifestError, match="job\\['state_dict'\\]"):
+        broken.state_dict()
     _run(shards_dir, tmp_path / "rows", columns="vec", config={"sparsity_level": 0.75})
     per_row = json.loads((tmp_path / "rows" / "manifest.json").read_text())["job"]
     assert per_row["state_dict"]["state"] == {} and per_row["config"] == {"sparsity_level": 0.75}
