@@ -110,6 +110,27 @@ def _plain(value: Any) -> Any:
     return float(value)  # also np.float64, a float subclass that pickles as numpy
 
 
+def _given_mask(name: str, mask: Any, data: torch.Tensor) -> torch.Tensor:
+    """The ``mask=`` of ``add_data``, checked: a tensor of the data's shape and a mask dtype, on
+    the data's device (moved there if it is not)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
+    if mask.shape != data.shape:
+        raise ValueError(
+            f"mask for {name!r} has shape {tuple(mask.shape)}, the data has shape "
+            f"{tuple(data.shape)}"
+        )
+    if str(mask.dtype) not in _MASK_DTYPES:
+        raise TypeError(
+            f"mask for {name!r} has dtype {mask.dtype}; accepted: {', '.join(_MASK_DTYPES)}"
+        )
+    if mask.layout != torch.strided:
+        mask = mask.to_dense()
+    if mask.requires_grad:
+        mask = mask.detach()
+    return mask.to(data.device)  # the same tensor when it is on the data's device already
+
+
 def _check_name(name: Any) -> None:
     if not isinstance(name, str):
         raise TypeError(f"data name must be a str, got {type(name).__name__}")
@@ -273,7 +294,9 @@ class BaseDataSparsifier(abc.ABC):
         """Register ``data`` under ``name`` and return its masked view.
 
         An existing name keeps its config (updated by ``config``) and, with ``reuse_mask=True``,
-        its mask; ``reuse_mask=False`` starts from an all-ones mask.
+        its mask; ``reuse_mask=False`` starts from an all-ones mask. ``mask=tensor`` (as in
+        torch.ao) starts from that mask instead, attached (the rule edits it in place); it must
+        have the data's shape and a mask dtype, and it is state, not config.
         """
         tensor = _as_tensor(name, data)
         entry = self.state.get(name) if isinstance(name, str) else None
@@ -293,13 +316,18 @@ class BaseDataSparsifier(abc.ABC):
             return apply_mask(tensor, mask)
 
         _check_name(name)
+        given = config.pop("mask", None)
+        if given is not None:
+            given = _given_mask(name, given, tensor)
         config = {key: _plain(value) for key, value in config.items()}
         base = self.data_groups.get(name, self.defaults)
         merged = {**base, **config}
         if config:
             self._validate_config(merged)
         self._validate_data(name, tensor, merged)
-        if mask is not None and reuse_mask:
+        if given is not None:
+            mask = given
+        elif mask is not None and reuse_mask:
             if mask.shape != tensor.shape:
                 raise ValueError(
                     f"cannot reuse the mask of {name!r}: mask has shape {tuple(mask.shape)}, new "

@@ -693,3 +693,50 @@ def test_repr_lists_data_groups():
     assert "name: a\n\t    threshold: 0.3" in text
     assert "name: b\n\t    threshold: 0.7" in text
     assert repr(ThresholdSparsifier()) == "ThresholdSparsifier (\n)"
+
+
+def test_add_data_starts_from_the_mask_given_as_torch_ao_does():
+    """``add_data(name, data, mask=m)`` was stored as a config entry and ignored: the data
+    started unmasked. torch.ao starts from ``m``; so does pipesparse, attaching it."""
+    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefNorm
+
+    data = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    given = torch.zeros(4, 8)
+    given[:, :4] = 1
+    ref = RefNorm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.add_data("x", data.clone(), mask=given.clone())
+    sparsifier = DataNormSparsifier()
+    mask = given.clone()
+    masked = sparsifier.add_data("x", data, mask=mask)
+    assert torch.equal(masked, ref.get_data("x", return_original=False))
+    assert sparsifier.get_mask("x") is mask  # attached: the rule edits the user's mask
+    assert "mask" not in sparsifier.data_groups["x"]  # state, not config
+    sparsifier.step()
+    assert torch.equal(mask, sparsifier.get_mask("x"))
+    again = torch.ones(4, 8, dtype=torch.bool)  # an existing name takes a given mask too
+    sparsifier.add_data("x", data, mask=again)
+    assert sparsifier.get_mask("x") is again
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "message"),
+    [
+        (torch.ones(4, 4), ValueError, r"shape \(4, 4\), the data has shape \(4, 8\)"),
+        ([[1.0] * 8] * 4, TypeError, "must be a tensor, got list"),
+        (torch.ones(4, 8, dtype=torch.complex64), TypeError, "dtype torch.complex64"),
+    ],
+)
+def test_a_bad_given_mask_is_refused_before_anything_changes(mask, error, message):
+    sparsifier = DataNormSparsifier()
+    sparsifier.add_data("kept", torch.ones(2, 4))
+    before = sparsifier.state_dict()
+    with pytest.raises(error, match=message):
+        sparsifier.add_data("x", torch.randn(4, 8), mask=mask)
+    with pytest.raises(error, match=message):
+        sparsifier.add_data("kept", torch.randn(4, 8), reuse_mask=False, mask=mask)
+    assert list(sparsifier.data_groups) == ["kept"]
+    after = sparsifier.state_dict()
+    assert after["data_groups"] == before["data_groups"]
+    assert torch.equal(after["state"]["kept"]["mask"], before["state"]["kept"]["mask"])
