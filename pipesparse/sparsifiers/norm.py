@@ -257,7 +257,8 @@ class DataNormSparsifier(BaseDataSparsifier):
             are partial and their norm is the mean of the entries they have.
         zeros_per_block: entries zeroed inside a removed block (its smallest ones); ``None``
             means the whole block, whatever its shape.
-        norm: ``"L1"`` (mean |x|) or ``"L2"`` (mean x**2).
+        norm: ``"L1"`` (mean |x|) or ``"L2"`` (mean x**2); ``add_data(name, data, norm=...)``
+            gives one name its own.
     """
 
     def __init__(
@@ -282,6 +283,9 @@ class DataNormSparsifier(BaseDataSparsifier):
         )
 
     def _validate_config(self, config: Mapping[str, Any]) -> None:
+        norm = config.get("norm", self.norm)
+        if not isinstance(norm, str) or norm not in _NORMS:
+            raise ValueError(f"unknown norm {norm!r}; accepted: {', '.join(_NORMS)}")
         level = config.get("sparsity_level")
         if isinstance(level, bool) or not isinstance(level, numbers.Real) or math.isnan(level):
             raise ValueError(f"sparsity_level must be a number, got {level!r}")
@@ -319,9 +323,10 @@ class DataNormSparsifier(BaseDataSparsifier):
         sparsity_level: float,
         sparse_block_shape: tuple[int, int],
         zeros_per_block: int | None = None,
+        norm: str | None = None,
         **kwargs: Any,
     ) -> None:
-        self._update(name, data, None, sparsity_level, sparse_block_shape, zeros_per_block)
+        self._update(name, data, None, sparsity_level, sparse_block_shape, zeros_per_block, norm)
 
     def _update_mask_and_masked(
         self, name: str, data: torch.Tensor, out: torch.Tensor, **config: Any
@@ -337,6 +342,7 @@ class DataNormSparsifier(BaseDataSparsifier):
             config["sparsity_level"],
             config["sparse_block_shape"],
             config.get("zeros_per_block"),
+            config.get("norm"),
         )
 
     def _update(
@@ -347,8 +353,11 @@ class DataNormSparsifier(BaseDataSparsifier):
         sparsity_level: float,
         sparse_block_shape: tuple[int, int],
         zeros_per_block: int | None,
+        norm: str | None = None,
     ) -> bool:
-        """Write the mask of ``name``; True when ``data * mask`` went into ``out`` as well."""
+        """Write the mask of ``name``; True when ``data * mask`` went into ``out`` as well.
+        ``norm`` is the name's own (given to ``add_data``), else the constructor's."""
+        norm = self.norm if norm is None else norm
         mask = self.get_mask(name)
         block = tuple(sparse_block_shape)
         k, zeros = _blocks_to_drop(data, sparsity_level, block, zeros_per_block)
@@ -356,15 +365,21 @@ class DataNormSparsifier(BaseDataSparsifier):
             mask.fill_(1)
             return False
         if _norm_kernel.supports(data, mask, block, zeros):
-            return _norm_kernel.write_mask(data, mask, k, block, zeros, self.norm, out)
-        self._write_with_tensor_ops(mask, data, k, block, zeros)
+            return _norm_kernel.write_mask(data, mask, k, block, zeros, norm, out)
+        self._write_with_tensor_ops(mask, data, k, block, zeros, norm)
         return False
 
     def _write_with_tensor_ops(
-        self, mask: torch.Tensor, data: torch.Tensor, k: int, block: tuple[int, int], zeros: int
+        self,
+        mask: torch.Tensor,
+        data: torch.Tensor,
+        k: int,
+        block: tuple[int, int],
+        zeros: int,
+        norm: str,
     ) -> None:
         """The mask by plain tensor ops: CUDA, and what the compiled kernel does not take."""
-        removed, values = _plan(data, k, block, self.norm)
+        removed, values = _plan(data, k, block, norm)
         batch, height, width = values.shape
         rows, cols = removed.shape[1:]
         if (

@@ -133,6 +133,24 @@ def test_per_name_config_overrides_defaults():
     assert int((s.get_mask("b") == 0).sum()) == 8
 
 
+def test_per_name_norm_is_used_and_checked():
+    # README: per-name config in add_data, and a norm other than "L1"/"L2" is a ValueError
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 3.5]])
+    s = DataNormSparsifier(norm="L1")
+    s.add_data("l2", x.clone(), norm="L2")
+    s.add_data("l1", x.clone())
+    s.step()
+    assert s.get_mask("l2").tolist() == [[0.0] * 4 + [1.0] * 4]
+    assert s.get_mask("l1").tolist() == [[1.0] * 4 + [0.0] * 4]
+    restored = DataNormSparsifier()
+    restored.load_state_dict(s.state_dict())
+    restored.step()
+    assert restored.get_mask("l2").tolist() == [[0.0] * 4 + [1.0] * 4]
+    with pytest.raises(ValueError, match="L3"):
+        s.add_data("bad", x.clone(), norm="L3")
+    assert "bad" not in s.data_groups
+
+
 def test_integer_data_is_ranked_by_its_values():
     x = torch.tensor([[9, 9, 9, 9, 1, -1, 1, 1]], dtype=torch.int64)
     s = DataNormSparsifier([("x", x)])
