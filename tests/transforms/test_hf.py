@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from datasets import Array2D, Dataset, Features, List, Value, load_from_disk
@@ -190,6 +191,18 @@ def test_a_numpy_to_torch_transform_gives_the_column_back_as_it_came(fmt):
     assert out.features == ds.features
     plain = source.map(hf_map_fn(transform(), "x"), batched=True, batch_size=BATCH)
     np.testing.assert_array_equal(column(out), column(plain))
+
+
+def test_the_function_gives_each_column_back_in_the_form_the_readme_says():
+    """README: python lists stay lists, numpy stays numpy, a torch column comes back as numpy
+    of its dtype, an arrow table as an arrow table."""
+    fn = hf_map_fn(transform(), "x")
+    x = values()[:BATCH]
+    assert isinstance(fn({"x": x.tolist()})["x"], list)
+    assert fn({"x": x})["x"].dtype == x.dtype
+    out = fn({"x": torch.from_numpy(x)})["x"]
+    assert isinstance(out, np.ndarray) and out.dtype == x.dtype
+    assert isinstance(fn(pa.table({"x": x.tolist()})), pa.Table)
 
 
 @pytest.mark.parametrize("keys, columns", [(["x", "y"], "x"), ("y", "x"), ("x", ["x", "y"])])
