@@ -740,3 +740,15 @@ def test_a_bad_given_mask_is_refused_before_anything_changes(mask, error, messag
     after = sparsifier.state_dict()
     assert after["data_groups"] == before["data_groups"]
     assert torch.equal(after["state"]["kept"]["mask"], before["state"]["kept"]["mask"])
+
+
+def test_a_mask_reused_for_data_of_another_dtype_keeps_its_dtype_as_the_readme_says():
+    s = ThresholdSparsifier(threshold=0.5)
+    s.add_data("x", torch.tensor([0.25, 1.0, -2.0]))
+    mask = s.get_mask("x")
+    assert mask.dtype == torch.float32  # a fresh mask: the data's dtype
+    s.add_data("x", torch.tensor([0.25, 1.0, -2.0], dtype=torch.float16))
+    s.step()
+    assert s.get_mask("x") is mask and mask.dtype == torch.float32
+    masked = s.get_data("x", return_original=False)
+    assert masked.dtype == torch.float16 and masked.tolist() == [0.0, 1.0, -2.0]
