@@ -875,3 +875,13 @@ def test_keys_none_looks_into_each_unsupported_type_once(monkeypatch):
         out = tf(batch)
     assert torch.equal(out["x"], expected_batch(batch["x"]))
     assert [type(node) for node in looked] == [_Holder, set]
+
+
+def test_mask_names_follow_the_number_of_selected_entries_as_the_readme_says():
+    torch.manual_seed(0)
+    tf = SparsifyTransform(DataNormSparsifier(sparsity_level=0.5), update="frozen")
+    tf({"a": torch.randn(4, 8)})
+    first = tf.sparsifier.get_mask("batch").clone()
+    tf({"a": torch.randn(4, 8), "b": torch.randn(4, 8)})
+    assert sorted(tf.sparsifier.data_groups) == ["batch", "batch_a", "batch_b"]
+    assert torch.equal(tf.sparsifier.get_mask("batch"), first)
