@@ -15,8 +15,8 @@ __all__ = ["ThresholdSparsifier"]
 
 
 class ThresholdSparsifier(BaseDataSparsifier):
-    """Keep entries with ``|x| >= threshold``. The mask is recomputed from scratch on every step
-    (the seed's example only ever zeroes, so a mask could never recover).
+    """Zero entries with ``|x| < threshold`` (NaN is kept). The mask is recomputed from scratch
+    on every step (the seed's example only ever zeroes, so a mask could never recover).
 
     Args:
         data_list: ``(name, data)`` pairs to register.
@@ -49,7 +49,9 @@ class ThresholdSparsifier(BaseDataSparsifier):
             return
         data = widen_float8(data)
         bound = float(threshold)
-        self.get_mask(name).copy_((data >= bound) | (data <= -bound))
+        # zero |x| < threshold, so NaN (which compares false) is kept, never hidden
+        below = (data < bound) & (data > -bound)
+        self.get_mask(name).copy_(below.logical_not_())
 
 
 def _integers_kept(data: torch.Tensor, threshold: float) -> torch.Tensor:

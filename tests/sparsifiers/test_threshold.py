@@ -47,15 +47,25 @@ def test_per_name_threshold():
     assert s.get_mask("high").tolist() == [0.0, 0.0]
 
 
-def test_zero_or_negative_threshold_keeps_everything_but_nan():
-    x = torch.tensor([0.0, -1.0, 2.0])
+def test_zero_or_negative_threshold_keeps_everything():
+    x = torch.tensor([0.0, -1.0, 2.0, math.nan])
     for threshold in (0.0, -1.0):
         s = ThresholdSparsifier([("x", x)], threshold=threshold)
         s.step()
-        assert s.get_mask("x").tolist() == [1.0, 1.0, 1.0]
-    s = ThresholdSparsifier([("x", torch.tensor([math.nan, 1.0]))], threshold=0.5)
+        assert s.get_mask("x").tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn]
+)
+def test_nan_is_kept_as_the_rule_zeroes_only_abs_below_the_threshold(dtype):
+    """README and the seed: zero every entry with |x| < threshold; |NaN| < t is false, so NaN
+    is kept (never hidden by the mask, as NMSparsifier and DataNormSparsifier keep it)."""
+    x = torch.tensor([math.nan, 0.25, 1.0, -math.inf]).to(dtype)
+    s = ThresholdSparsifier([("x", x)], threshold=0.5)
     s.step()
-    assert s.get_mask("x").tolist() == [0.0, 1.0]
+    assert s.get_mask("x").float().tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert s.get_data("x", return_original=False).float()[0].isnan()
 
 
 @pytest.mark.parametrize(
