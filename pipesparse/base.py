@@ -261,6 +261,10 @@ class BaseDataSparsifier(abc.ABC):
         **defaults: config every name starts from; per-name config in ``add_data`` overrides it.
     """
 
+    #: the config keys the rule reads; ``add_data`` refuses any other (a typo such as
+    #: ``sparsity=0.9`` would otherwise be kept and ignored). None: any key (a user's rule).
+    config_keys: frozenset[str] | None = None
+
     def __init__(self, data_list: Iterable[tuple[str, Any]] | None = None, **defaults: Any):
         defaults = {key: _plain(value) for key, value in defaults.items()}
         self._validate_config(defaults)
@@ -319,6 +323,12 @@ class BaseDataSparsifier(abc.ABC):
         given = config.pop("mask", None)
         if given is not None:
             given = _given_mask(name, given, tensor)
+        unknown = set(config) - self.config_keys if self.config_keys is not None else ()
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no config key {', '.join(map(repr, sorted(unknown)))}"
+                f" (for {name!r}); its keys: {', '.join(sorted(self.config_keys))}"
+            )
         config = {key: _plain(value) for key, value in config.items()}
         base = self.data_groups.get(name, self.defaults)
         merged = {**base, **config}

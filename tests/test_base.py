@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipesparse import BaseDataSparsifier, DataNormSparsifier, ThresholdSparsifier
+from pipesparse import BaseDataSparsifier, DataNormSparsifier, NMSparsifier, ThresholdSparsifier
 from pipesparse.errors import UnknownDataError
 
 DEVICES = [
@@ -752,3 +752,24 @@ def test_a_mask_reused_for_data_of_another_dtype_keeps_its_dtype_as_the_readme_s
     assert s.get_mask("x") is mask and mask.dtype == torch.float32
     masked = s.get_data("x", return_original=False)
     assert masked.dtype == torch.float16 and masked.tolist() == [0.0, 1.0, -2.0]
+
+
+@pytest.mark.parametrize(
+    ("sparsifier", "typo"),
+    [
+        (DataNormSparsifier(), {"sparsity": 0.9}),
+        (ThresholdSparsifier(), {"treshold": 0.5}),
+        (NMSparsifier(), {"N": 1}),
+    ],
+)
+def test_a_config_key_the_rule_does_not_read_is_refused(sparsifier, typo):
+    """``add_data(name, data, sparsity=0.9)`` was kept in data_groups and ignored: the name was
+    masked at the default level, silently."""
+    sparsifier.add_data("kept", torch.ones(2, 4))
+    (key,) = typo
+    with pytest.raises(ValueError, match=rf"no config key '{key}' \(for 'x'\); its keys: "):
+        sparsifier.add_data("x", torch.randn(4, 8), **typo)
+    with pytest.raises(ValueError, match=f"no config key '{key}'"):
+        sparsifier.add_data("kept", torch.ones(2, 4), **typo)
+    assert list(sparsifier.data_groups) == ["kept"]
+    assert key not in sparsifier.data_groups["kept"]

@@ -92,6 +92,8 @@ class NMSparsifier(BaseDataSparsifier):
             the first ``step()`` (mask all ones, data not 2:4 yet) the dense tensor too.
     """
 
+    config_keys = frozenset({"n", "m"})
+
     def __init__(
         self,
         data_list: list[tuple[str, Any]] | None = None,

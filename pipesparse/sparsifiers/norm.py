@@ -261,6 +261,8 @@ class DataNormSparsifier(BaseDataSparsifier):
             gives one name its own.
     """
 
+    config_keys = frozenset({"sparsity_level", "sparse_block_shape", "zeros_per_block", "norm"})
+
     def __init__(
         self,
         data_list: list[tuple[str, Any]] | None = None,

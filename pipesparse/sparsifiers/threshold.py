@@ -23,6 +23,8 @@ class ThresholdSparsifier(BaseDataSparsifier):
         threshold: magnitude below which an entry is zeroed; per-name config may override it.
     """
 
+    config_keys = frozenset({"threshold"})
+
     def __init__(self, data_list: list[tuple[str, Any]] | None = None, threshold: float = 0.1):
         super().__init__(data_list, threshold=threshold)
 
