@@ -9,8 +9,11 @@ from multiprocessing.reduction import ForkingPickler
 
 import pytest
 
-from pipesparse.transforms import _mask_version
-from pipesparse.transforms._mask_version import MaskVersion, MaskWriteTimeout
+from pipesparse.transforms import (
+    MaskWriteTimeout,  # public: users catch it
+    _mask_version,
+)
+from pipesparse.transforms._mask_version import MaskVersion
 
 
 def as_reader(version):
