@@ -112,7 +112,7 @@ def _plain(value: Any) -> Any:
 
 def _given_mask(name: str, mask: Any, data: torch.Tensor) -> torch.Tensor:
     """The ``mask=`` of ``add_data``, checked: a tensor of the data's shape and a mask dtype, on
-    the data's device (moved there if it is not)."""
+    the data's device (moved there if it is not), that torch can write in place."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
     if mask.shape != data.shape:
@@ -128,7 +128,21 @@ def _given_mask(name: str, mask: Any, data: torch.Tensor) -> torch.Tensor:
         mask = mask.to_dense()
     if mask.requires_grad:
         mask = mask.detach()
-    return mask.to(data.device)  # the same tensor when it is on the data's device already
+    mask = mask.to(data.device)  # the same tensor when it is on the data's device already
+    # rules and loads write it in place: torch refuses for entries that share memory, and for
+    # an inference tensor outside inference mode
+    inference = mask.is_inference() and not torch.is_inference_mode_enabled()
+    if shares_entries(mask) or inference:
+        raise ValueError(
+            f"mask for {name!r} cannot be written in place: "
+            + (
+                "it is an inference tensor"
+                if inference
+                else f"entries of it share memory (strides {mask.stride()}, e.g. an expand())"
+            )
+            + "; pass mask.clone()"
+        )
+    return mask
 
 
 def _check_name(name: Any) -> None:

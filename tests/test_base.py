@@ -742,6 +742,33 @@ def test_a_bad_given_mask_is_refused_before_anything_changes(mask, error, messag
     assert torch.equal(after["state"]["kept"]["mask"], before["state"]["kept"]["mask"])
 
 
+def _inference_ones(*shape):
+    with torch.inference_mode():
+        return torch.ones(*shape)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: torch.ones(1, 8).expand(4, 8), lambda: _inference_ones(4, 8)],
+    ids=["expand", "inference"],
+)
+def test_a_given_mask_torch_cannot_write_in_place_is_refused_before_anything_changes(make):
+    """A given mask whose entries share memory (an expand()) or an inference tensor was
+    attached; step() then failed with torch's RuntimeError, and so did a load that overwrote
+    it in place, after loading the names before it. Refused now, as the other bad masks."""
+    sparsifier = ThresholdSparsifier(threshold=0.5)
+    sparsifier.add_data("kept", torch.ones(2, 4))
+    before = sparsifier.state_dict()
+    with pytest.raises(ValueError, match=r"mask for 'x' cannot be written in place"):
+        sparsifier.add_data("x", torch.randn(4, 8), mask=make())
+    assert list(sparsifier.data_groups) == ["kept"]
+    after = sparsifier.state_dict()
+    assert after["data_groups"] == before["data_groups"]
+    assert torch.equal(after["state"]["kept"]["mask"], before["state"]["kept"]["mask"])
+    sparsifier.add_data("x", torch.randn(4, 8), mask=make().clone())  # the way out it names
+    sparsifier.step()
+
+
 def test_a_mask_reused_for_data_of_another_dtype_keeps_its_dtype_as_the_readme_says():
     s = ThresholdSparsifier(threshold=0.5)
     s.add_data("x", torch.tensor([0.25, 1.0, -2.0]))
