@@ -72,17 +72,13 @@ _LOOKED_AT = 1024  # items or attributes of an opaque object holds_float_array l
 
 def holds_float_array(node: Any) -> bool:
     """Whether ``node``, an object :func:`select` does not look into, holds a floating tensor or
-    array: among its first items (a deque, a set ...) or attributes (an object of another
-    class), or in dicts, tuples, lists or dataclasses there. Never consumes an iterator."""
+    array: among its first items (a deque, a set ...) or attributes (``__dict__`` and
+    ``__slots__`` of an object of another class), or in dicts, tuples, lists or dataclasses
+    there. Never consumes an iterator."""
     if isinstance(node, _OPAQUE_SCALARS):
         return False
     try:
-        if isinstance(node, Collection):
-            values = iter(node)
-        elif hasattr(node, "__dict__"):
-            values = iter(vars(node).values())
-        else:
-            return False
+        values = iter(node) if isinstance(node, Collection) else _attributes(node)
         found: list[tuple[Path, Any]] = []
         for value in itertools.islice(values, _LOOKED_AT):
             if type(value) not in _SCALARS:
@@ -92,6 +88,25 @@ def holds_float_array(node: Any) -> bool:
     except Exception:  # a container that cannot be iterated or read: nothing to tell
         return False
     return False
+
+
+def _attributes(node: Any) -> Iterator[Any]:
+    """The attribute values of an object: its ``__dict__`` and its ``__slots__`` (a class
+    made by ``attrs.define`` has only slots), in every class of its MRO."""
+    attributes = getattr(node, "__dict__", None)
+    if isinstance(attributes, dict):
+        yield from attributes.values()
+    for cls in type(node).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot in ("__dict__", "__weakref__"):
+                continue
+            if slot.startswith("__") and not slot.endswith("__"):  # a private name, mangled
+                slot = f"_{cls.__name__.lstrip('_')}{slot}"
+            try:
+                yield getattr(node, slot)
+            except AttributeError:  # a slot never set
+                continue
 
 
 def select(

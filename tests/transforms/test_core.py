@@ -762,6 +762,23 @@ class _Holder:
         self.x = x
 
 
+class _SlottedHolder:
+    """A class with ``__slots__`` (as ``attrs.define`` makes): no ``__dict__``."""
+
+    __slots__ = ("__x",)
+
+    def __init__(self, x):
+        self.__x = x
+
+
+class _SlottedChild(_SlottedHolder):
+    __slots__ = ("label",)
+
+    def __init__(self, x):
+        super().__init__(torch.arange(3))
+        self.label = x
+
+
 def _unsupported_batches():
     from collections import deque
 
@@ -773,6 +790,9 @@ def _unsupported_batches():
         (f"{__name__}._Holder", _Holder(x)),
         (f"{__name__}._Holder", _Holder({"x": np.ones((4, 8), np.float32)})),
         ("collections.deque", {"y": torch.arange(4), "more": deque([x])}),  # nested
+        # slotted objects (attrs.define's default) had no attributes to look at: no warning
+        (f"{__name__}._SlottedHolder", _SlottedHolder(x)),
+        (f"{__name__}._SlottedChild", _SlottedChild(x)),
     ]
 
 
