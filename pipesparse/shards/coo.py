@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipesparse.shards.columns import ColumnSpec, to_numpy
+from pipesparse.shards.columns import ColumnSpec, list_levels, to_numpy
 from pipesparse.shards.errors import ShardError
 
 __all__ = ["METADATA_KEY", "coo_type", "decode", "encode", "output_metadata", "read_sparse"]
@@ -178,10 +178,20 @@ def _read_metadata(
             )
         if name not in schema.names:
             raise broken(f"column {name!r} it records is not in the file")
-        if out_format == "coo" and not _is_coo(schema.field(name).type):
+        field_type = schema.field(name).type
+        if out_format == "coo" and not _is_coo(field_type):
             raise broken(
-                f"column {name!r} has type {schema.field(name).type}, not the COO struct "
+                f"column {name!r} has type {field_type}, not the COO struct "
                 f"{coo_type(pa.float32())} (values of any numeric type)"
+            )
+        held = (
+            field_type.field("values").type.value_type
+            if out_format == "coo"
+            else list_levels(field_type)[1]
+        )
+        if _torch_dtype(str(held)) not in (None, dtype):  # the values would be cast silently
+            raise broken(
+                f"{where}['dtype'] is {entry['dtype']!r}, but column {name!r} holds {held} values"
             )
         columns[name] = (tuple(shape), dtype)
     return out_format, columns

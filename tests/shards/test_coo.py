@@ -131,6 +131,10 @@ _VEC = {"shape": [8], "dtype": "float"}
             json.dumps({"format": "coo", "columns": {"vec": {"shape": [8], "dtype": "string"}}}),
             r"\['dtype'\] is 'string'",
         ),
+        (  # the column holds float values: they were cast to uint64 silently
+            json.dumps({"format": "coo", "columns": {"vec": {"shape": [8], "dtype": "uint64"}}}),
+            r"\['dtype'\] is 'uint64', but column 'vec' holds float values",
+        ),
         (
             json.dumps({"format": "coo", "columns": {"zzz": _VEC}}),
             "column 'zzz' it records is not in the file",
@@ -154,6 +158,17 @@ def test_read_sparse_names_the_file_and_the_problem_of_broken_metadata(
         read_sparse(path)
     assert info.value.file == str(path)
     assert "broken 'pipesparse' schema metadata" in str(info.value)
+
+
+def test_read_sparse_refuses_a_recorded_dtype_the_dense_column_does_not_hold(tmp_path, shards_dir):
+    preprocess([str(shards_dir)], tmp_path / "o", "vec", "norm", quiet=True)
+    table = pq.read_table(tmp_path / "o" / "part-00.parquet")
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    meta["columns"]["vec"]["dtype"] = "int8"
+    path = tmp_path / "int8.parquet"
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), path)
+    with pytest.raises(ShardError, match=r"is 'int8', but column 'vec' holds float values"):
+        read_sparse(path)
 
 
 def test_read_sparse_names_the_file_of_a_bad_coo_row(tmp_path, shards_dir):
