@@ -38,9 +38,10 @@ def quantize_zero_exact(weight: torch.Tensor) -> torch.Tensor:
     """
     w = weight.detach().float()
     fmax = torch.finfo(torch.float32).max
-    wide = w.double()  # a row's range may pass the float32 maximum: 3e38 - -3e38
-    low = wide.amin(dim=1).clamp(max=0)
-    high = wide.amax(dim=1).clamp(min=0)
+    # a row's range may pass the float32 maximum (3e38 - -3e38): it is computed in float64,
+    # from each row's extremes (exact in float32), not from a float64 copy of the weight
+    low = w.amin(dim=1).double().clamp(max=0)
+    high = w.amax(dim=1).double().clamp(min=0)
     scale = (high - low) / _QMAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row
     mantissa, exponent = torch.frexp(scale)
