@@ -4,7 +4,7 @@ The manifest is rewritten atomically after every finished shard, so it always li
 the shards that are complete on disk (each with its rows and sha256). ``job`` is the identity
 of the run (sparsifier, config, columns, format, mask mode, state file checksum, input shard
 checksums); a rerun resumes only when its job is the same. The job also records the
-sparsifier's ``state_dict`` (masks as nested lists, see :func:`state_dict_to_json`), so the
+sparsifier's ``state_dict`` (masks as base64, see :func:`state_dict_to_json`), so the
 folder says which masks made it even once the state file is gone.
 
 A loaded manifest is checked key by key (types, and shard names that are plain relative paths
@@ -14,7 +14,9 @@ files by those names.
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,25 +53,35 @@ _TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", type(None)
 
 
 def state_dict_to_json(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """A sparsifier's ``state_dict()`` (without data) as plain JSON: each mask as nested lists
-    of its values (``mask.tolist()``) with its shape; configs with tuples as lists."""
+    """A sparsifier's ``state_dict()`` (without data) as plain JSON: each mask as the base64 of
+    its bytes (little-endian, row-major) with its dtype and shape, compact for large masks (a
+    list of numbers would take about 20 bytes an entry); configs with tuples as lists."""
     plain = {key: value for key, value in state_dict.items() if key not in ("state", "data")}
-    plain["state"] = {
-        name: {"mask": entry["mask"].tolist(), "shape": list(entry["mask"].shape)}
-        for name, entry in state_dict["state"].items()
-    }
+    plain["state"] = {}
+    for name, entry in state_dict["state"].items():
+        mask = entry["mask"].detach().cpu().contiguous().reshape(-1)
+        plain["state"][name] = {
+            "mask": base64.b64encode(mask.view(torch.uint8).numpy().tobytes()).decode(),
+            "dtype": str(mask.dtype),
+            "shape": list(entry["mask"].shape),
+        }
     return json.loads(json.dumps(plain, default=str))
 
 
 def state_dict_from_json(recorded: Mapping[str, Any]) -> dict[str, Any]:
-    """The state_dict :func:`state_dict_to_json` recorded, masks as tensors again (in the dtype
-    ``mask_dtypes`` names): ``sparsifier.load_state_dict`` takes it."""
-    dtypes = recorded.get("mask_dtypes") or {}
+    """The state_dict :func:`state_dict_to_json` recorded, masks as tensors again:
+    ``sparsifier.load_state_dict`` takes it."""
     state = {}
     for name, entry in recorded["state"].items():
-        dtype = _dtype_from_name(name, dtypes.get(name, "torch.bool"))
-        mask = torch.tensor(entry["mask"], dtype=dtype).reshape(entry["shape"])
-        state[name] = {"mask": mask}
+        dtype = _dtype_from_name(name, entry["dtype"])
+        raw = bytearray(base64.b64decode(entry["mask"], validate=True))
+        shape = [int(size) for size in entry["shape"]]
+        if len(raw) != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"mask {name!r} holds {len(raw)} bytes, not a {dtype} {shape}")
+        mask = (
+            torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        )
+        state[name] = {"mask": mask.view(dtype).reshape(shape)}
     return {**recorded, "state": state}
 
 

@@ -1,7 +1,9 @@
 import json
+import math
 import re
 
 import pytest
+import torch
 
 from pipesparse.shards import ManifestError
 from pipesparse.shards.manifest import MANIFEST_FORMAT, Manifest
@@ -104,3 +106,28 @@ def test_shard_names_outside_the_folder_are_refused(tmp_path, name):
         Manifest.load(tmp_path)
     _saved(tmp_path, lambda d: d["shards"].update({"train/a.parquet": info}))
     assert list(Manifest.load(tmp_path).shards) == ["train/a.parquet"]
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.bool,
+        torch.uint8,
+        torch.int64,
+        torch.uint16,
+        torch.float32,
+        torch.bfloat16,
+        torch.float64,
+        torch.float8_e4m3fn,
+    ],
+)
+@pytest.mark.parametrize("shape", [(1, 8), (3, 2, 4), (0, 4)])
+def test_a_recorded_state_dict_gives_back_every_mask_bit_for_bit(dtype, shape):
+    from pipesparse.shards.manifest import state_dict_from_json, state_dict_to_json
+
+    mask = (torch.arange(math.prod(shape)).reshape(shape) % 3 == 0).to(dtype)
+    mask = mask.float().mul(0.5).to(dtype) if dtype.is_floating_point else mask  # soft values
+    recorded = state_dict_to_json({"state": {"x": {"mask": mask}}, "data_groups": {"x": {}}})
+    back = state_dict_from_json(json.loads(json.dumps(recorded)))["state"]["x"]["mask"]
+    assert back.dtype == dtype and back.shape == mask.shape
+    assert torch.equal(back.view(-1).view(torch.uint8), mask.reshape(-1).view(torch.uint8))

@@ -73,16 +73,21 @@ def test_manifest_records_the_sparsifiers_state_dict(tmp_path, shards_dir):
     saved = torch.load(tmp_path / "s.pt", weights_only=True)["transform"]["sparsifier"]
     _run(shards_dir, tmp_path / "out", columns="vec", sparsifier=None, state=str(tmp_path / "s.pt"))
     (tmp_path / "s.pt").unlink()
-    recorded = json.loads((tmp_path / "out" / "manifest.json").read_text())["job"]["state_dict"]
-    assert recorded["state"]["batch"]["mask"] == saved["state"]["batch"]["mask"].tolist()
+    text = (tmp_path / "out" / "manifest.json").read_text()
+    recorded = json.loads(text)["job"]["state_dict"]
+    mask = saved["state"]["batch"]["mask"]
+    assert recorded["state"]["batch"]["dtype"] == str(mask.dtype)
+    assert len(recorded["state"]["batch"]["mask"]) < 2 * mask.numel() + 8  # base64, not a list
     assert recorded["data_groups"]["batch"]["sparsity_level"] == 0.75
     loaded = DataNormSparsifier()
     loaded.load_state_dict(Manifest.load(tmp_path / "out").state_dict())
     assert torch.equal(loaded.get_mask("batch").bool(), saved["state"]["batch"]["mask"])
     broken = Manifest.load(tmp_path / "out")
-    broken.job["state_dict"]["state"]["batch"] = {"mask": [[1, 0]]}  # no shape
-    with pytest.raises(ManifestError, match="job\\['state_dict'\\]"):
-        broken.state_dict()
+    entry = broken.job["state_dict"]["state"]["batch"]
+    for damage in ({"shape": None}, {"mask": "AAAA"}, {"mask": "not base64!"}, {"dtype": "x"}):
+        broken.job["state_dict"]["state"]["batch"] = {**entry, **damage}
+        with pytest.raises(ManifestError, match="job\\['state_dict'\\]"):
+            broken.state_dict()
     _run(shards_dir, tmp_path / "rows", columns="vec", config={"sparsity_level": 0.75})
     per_row = json.loads((tmp_path / "rows" / "manifest.json").read_text())["job"]
     assert per_row["state_dict"]["state"] == {} and per_row["config"] == {"sparsity_level": 0.75}
