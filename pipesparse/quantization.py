@@ -91,7 +91,7 @@ class QuantizedEmbeddingBag(nnq.EmbeddingBag):
         if offsets is None:
             raise ValueError("1-D indices need offsets (the start of each bag)")
         padding_idx = self.padding_idx
-        kept = torch.ones(indices.shape, dtype=torch.bool, device=indices.device)
+        kept: torch.Tensor | None = None
         if padding_idx is not None:  # a weight of 0 leaves an entry out, 1 keeps it as it is
             kept = indices != padding_idx
             weights = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
@@ -127,10 +127,12 @@ class QuantizedEmbeddingBag(nnq.EmbeddingBag):
         starts = offsets[: offsets.numel() - last]
         end = torch.full((1,), indices.numel(), dtype=offsets.dtype, device=offsets.device)
         ends = offsets[1:] if last == 1 else torch.cat([offsets[1:], end])
-        # kept entries before each offset, by a running count
-        zero = torch.zeros(1, dtype=torch.int64, device=kept.device)
-        counted = torch.cat([zero, kept.to(torch.int64).cumsum(0)])
-        sizes = counted[ends] - counted[starts]
+        if kept is None:
+            sizes = ends - starts
+        else:  # kept entries before each offset, by a running count
+            zero = torch.zeros(1, dtype=torch.int64, device=kept.device)
+            counted = torch.cat([zero, kept.to(torch.int64).cumsum(0)])
+            sizes = counted[ends] - counted[starts]
         return out / sizes.clamp(min=1).unsqueeze(1).to(out.dtype)
 
 
