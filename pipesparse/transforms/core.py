@@ -635,6 +635,13 @@ class SparsifyTransform:
         if self.persistent:
             self.share_memory()
 
+    def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
+        """Raise what :meth:`load_state_dict` would raise for ``state_dict``, changing nothing:
+        it is loaded into a copy (which this process owns wherever it is made, so ownership is
+        checked here first)."""
+        self._check_owned("load_state_dict")
+        self._without_batches().load_state_dict(state_dict)
+
     def __repr__(self) -> str:
         return (
             f"SparsifyTransform({type(self.sparsifier).__name__}, name={self.name!r}, "

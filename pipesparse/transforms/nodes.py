@@ -58,8 +58,7 @@ class SparsifyNode(BaseNode):
             )
         # the transform's state is checked on a copy, the source reset, and only then are the
         # masks loaded: a state that either part refuses leaves the masks as they were
-        self.transform._check_owned("load_state_dict")
-        self.transform._without_batches().load_state_dict(initial_state[self.TRANSFORM_KEY])
+        self.transform._check_loadable(initial_state[self.TRANSFORM_KEY])
         self.source.reset(initial_state[self.SOURCE_KEY])
         self.transform.load_state_dict(initial_state[self.TRANSFORM_KEY])
 

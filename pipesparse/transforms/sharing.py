@@ -56,8 +56,7 @@ def _problem(transform: SparsifyTransform, state: Any, rank: int, src: int) -> s
             return f"rank {src} (src) has no masks to send: fit or load its transform first"
         return None
     try:
-        transform._check_owned("load_state_dict")  # (a copy is owned wherever it is made)
-        transform._without_batches().load_state_dict(state)
+        transform._check_loadable(state)
     except (TypeError, ValueError) as err:  # CorruptStateError is a ValueError
         return f"rank {rank} cannot load rank {src}'s masks: {err}"
     return None
