@@ -16,7 +16,7 @@ import torch
 
 from pipesparse.shards.columns import to_tensor
 from pipesparse.shards.config import make_sparsifier
-from pipesparse.shards.inputs import Shard, discover_shards
+from pipesparse.shards.inputs import Shard, discover_shards, input_paths
 from pipesparse.shards.progress import progress_bar
 from pipesparse.shards.schema import parse_columns, resolve_columns
 from pipesparse.shards.state import (
@@ -58,10 +58,10 @@ def fit(
     """
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows must be an int >= 1, got {batch_rows!r}")
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    inputs = input_paths(inputs)
     config = dict(config or {})
     rule = make_sparsifier(sparsifier, config)  # a bad config fails before any data is read
-    shards = discover_shards(list(inputs))
+    shards = discover_shards(inputs)
     _refuse_input_as_out(shards, out)
     specs = resolve_columns(shards, parse_columns(columns))
     transform = SparsifyTransform(
@@ -86,7 +86,7 @@ def fit(
             rows += first_row
             bar.set_postfix_str(f"shards {done}/{len(shards)}")
     if rows == 0:
-        raise ValueError(f"no rows to fit masks on in {list(inputs)}")
+        raise ValueError(f"no rows to fit masks on in {inputs}")
     transform.fit({name: (total / rows).unsqueeze(0) for name, total in sums.items()})
     state = {
         "format": FIT_FORMAT,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,12 @@ def _shards_of(argument: str) -> list[Shard]:
     if not files:
         raise ShardError(argument, "folder holds no .parquet files and is not a saved dataset")
     return [Shard(f.relative_to(path).as_posix(), str(f), PARQUET) for f in files]
+
+
+def input_paths(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list:
+    """The inputs of ``fit`` and ``preprocess`` as a list: one path, or an iterable of them (a
+    str is one path, never iterated letter by letter)."""
+    return [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
 
 
 def discover_shards(inputs: list[str]) -> list[Shard]:

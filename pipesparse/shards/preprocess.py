@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from pipesparse.shards.engines import ENGINES, make_engine
 from pipesparse.shards.errors import ShardError, find_shard_error
-from pipesparse.shards.inputs import Shard, discover_shards, files_sha256
+from pipesparse.shards.inputs import Shard, discover_shards, files_sha256, input_paths
 from pipesparse.shards.job import Job, build_job
 from pipesparse.shards.manifest import Manifest
 from pipesparse.shards.progress import progress_bar
@@ -108,7 +108,7 @@ def preprocess(
         overwrite: replace an output folder made by a different job instead of refusing.
         quiet: no progress bar.
     """
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    inputs = input_paths(inputs)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
     for key, value in (("workers", workers), ("batch_rows", batch_rows)):
