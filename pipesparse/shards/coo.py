@@ -27,6 +27,7 @@ import torch
 
 from pipesparse.shards.columns import ColumnSpec, list_levels, to_numpy
 from pipesparse.shards.errors import ShardError
+from pipesparse.shards.schema import split_columns
 
 __all__ = ["METADATA_KEY", "coo_type", "decode", "encode", "output_metadata", "read_sparse"]
 
@@ -223,10 +224,7 @@ def read_sparse(
     :class:`~pipesparse.shards.ShardError` naming the file and what is wrong.
     """
     if columns is not None:  # as preprocess reads them: "a,b" or a list, items split at ","
-        items = [columns] if isinstance(columns, str) else list(columns)
-        columns = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
-        if len(set(columns)) != len(columns):
-            raise ValueError(f"columns names a column twice: {columns}")
+        columns = split_columns(columns)
     with _reading(path):
         schema = pq.read_schema(path)
     out_format, known = _read_metadata(str(path), schema)

@@ -13,17 +13,23 @@ from pipesparse.shards.columns import ColumnSpec, check_column, column_spec, to_
 from pipesparse.shards.errors import ShardError
 from pipesparse.shards.inputs import Shard
 
-__all__ = ["find_bad_row", "parse_columns", "resolve_columns"]
+__all__ = ["find_bad_row", "parse_columns", "resolve_columns", "split_columns"]
+
+
+def split_columns(text: str | list[str]) -> list[str]:
+    """``"a,b"`` or ``["a", "b,c"]`` -> ``["a", "b", "c"]``; duplicates are an error."""
+    items = [text] if isinstance(text, str) else list(text)
+    names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"columns names a column twice: {names}")
+    return names
 
 
 def parse_columns(text: str | list[str]) -> list[str]:
-    """``"a,b"`` or ``["a", "b,c"]`` -> ``["a", "b", "c"]``; duplicates are an error."""
-    items = [text] if isinstance(text, str) else list(text)
-    names = [n.strip() for item in items for n in item.split(",") if n.strip()]
+    """The columns to sparsify (:func:`split_columns`): at least one."""
+    names = split_columns(text)
     if not names:
         raise ValueError("no column to sparsify: pass --columns COL[,COL]")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--columns names a column twice: {names}")
     return names
 
 
