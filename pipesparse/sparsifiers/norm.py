@@ -271,9 +271,7 @@ class DataNormSparsifier(BaseDataSparsifier):
         zeros_per_block: int | None = None,
         norm: str = "L1",
     ):
-        if norm not in _NORMS:
-            raise ValueError(f"unknown norm {norm!r}; accepted: {', '.join(_NORMS)}")
-        self.norm = norm
+        self.norm = norm  # checked with the defaults, by _validate_config
         super().__init__(
             data_list,
             sparsity_level=sparsity_level,
