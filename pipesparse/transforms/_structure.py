@@ -40,6 +40,11 @@ def _is_dataclass(node: Any) -> bool:
     return dataclasses.is_dataclass(node) and not isinstance(node, type)
 
 
+def _is_container(node: Any) -> bool:
+    """Whether selection looks into ``node``: a mapping, tuple, list or dataclass."""
+    return isinstance(node, (Mapping, tuple, list)) or _is_dataclass(node)
+
+
 def _children(node: Any) -> Iterator[tuple[Any, Any]]:
     if isinstance(node, Mapping):
         return iter(node.items())
@@ -57,7 +62,7 @@ def _collect(
         if is_float_array(node):
             found.append((path, node))
         return
-    if not isinstance(node, (Mapping, tuple, list)) and not _is_dataclass(node):
+    if not _is_container(node):
         if opaque is not None:  # an object select does not look into: the first of its type
             opaque.setdefault(type(node), node)
         return
@@ -125,7 +130,7 @@ def select(
             f"keys={list(keys)} selects entries of a dict, tuple or list batch; the batch is a "
             f"{type(batch).__name__} (use keys=None to sparsify it whole)"
         )
-    if not isinstance(batch, (Mapping, tuple, list)) and not _is_dataclass(batch):
+    if not _is_container(batch):
         raise TypeError(
             f"cannot select keys={list(keys)} from a batch of type {type(batch).__name__}; "
             "accepted: dict (any Mapping), tuple, list, dataclass"
